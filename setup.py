@@ -1,0 +1,54 @@
+import os
+
+from setuptools import find_packages
+from setuptools import setup
+
+
+def read(name):
+    with open(os.path.join(os.path.dirname(__file__), name)) as f:
+        return f.read()
+
+
+setup(
+    name="zjournal",
+    version="0.1.0.dev0",
+    description="Journaled commands for ZODB: an append-only command log"
+                " committed with the ZODB in one two-phase commit, and"
+                " rebuilds by replay",
+    long_description=read("README.rst") + "\n\n" + read("CHANGES.rst"),
+    long_description_content_type="text/x-rst",
+    license="ZPL-2.1",
+    classifiers=[
+        "Development Status :: 3 - Alpha",
+        "Framework :: ZODB",
+        "License :: OSI Approved :: Zope Public License",
+        "Programming Language :: Python :: 3",
+        "Topic :: Database",
+    ],
+    package_dir={"": "src"},
+    packages=find_packages("src"),
+    include_package_data=True,
+    zip_safe=False,
+    python_requires=">=3.9",
+    install_requires=[
+        "ZODB >= 5.8",
+        "transaction >= 3.0",
+        "persistent >= 4.9",
+        "zc.lockfile >= 2.0",
+        "zope.interface",
+    ],
+    extras_require={
+        "uri": ["zodburi"],
+        "test": [
+            "pytest",
+            "hypothesis",
+            "zodburi",
+        ],
+        "docs": ["Sphinx"],
+    },
+    entry_points={
+        "console_scripts": [
+            "zodb-journal = zjournal.cli:main",
+        ],
+    },
+)

@@ -1,0 +1,150 @@
+"""The data manager that makes the journal one resource of a transaction.
+
+Two-phase commit, as the ``transaction`` package drives it (the journal is
+the *last resource*: its vote is the commit point)::
+
+    tpc_begin   ZODB connections, then the journal: nothing to do here
+    commit      ZODB stores objects; the journal refuses a transaction that
+                changed objects outside any command
+    tpc_vote    ZODB votes first (conflicts surface here), then the journal
+                appends the transaction's records and syncs them: from
+                here on the transaction *is* committed
+    tpc_finish  ZODB finishes; the journal has nothing left to do
+
+A crash between the journal's vote and the ZODB's finish leaves the ZODB
+behind the journal by this transaction; recovery replays it.  A failure
+before the journal's vote leaves nothing in the journal.
+"""
+import logging
+
+import transaction.interfaces
+from zope.interface import implementer
+
+from zjournal.errors import JournalSequenceError
+from zjournal.errors import UnjournaledChangeError
+
+logger = logging.getLogger(__name__)
+
+# ZODB connections sort by "<storage name>:<id>".  This key sorts after any
+# string that does not itself start with the last code point, so the
+# journal votes after every ZODB connection (and after zope.sqlalchemy's
+# "~sqlalchemy:" sessions, which commit in their own vote).
+SORT_KEY = "\U0010ffff zjournal"
+
+
+@implementer(transaction.interfaces.IDataManager,
+             transaction.interfaces.ISavepointDataManager)
+class JournalDataManager:
+    """Collects one transaction's commands and journals them at vote.
+
+    One instance per (transaction, JournaledDB).  It joins the transaction
+    when a command executes or when a journaled connection changes an
+    object, whichever comes first.
+    """
+
+    def __init__(self, jdb, txn, transaction_manager):
+        self.jdb = jdb
+        self.transaction_manager = transaction_manager
+        self._txn = txn
+        self.connection = None
+        self.pending = []        # (seq, time, version, name, payload)
+        self.executing = False   # inside Command.execute
+        self.unjournaled = None  # first object changed outside a command
+        self.joined = False
+        self.voted = False
+
+    def join(self):
+        if not self.joined:
+            self._txn.join(self)
+            self.joined = True
+
+    def note_change(self, obj):
+        if not self.executing and self.unjournaled is None:
+            self.unjournaled = obj
+
+    # -- IDataManager --------------------------------------------------
+
+    def sortKey(self):
+        return SORT_KEY
+
+    def abort(self, txn):
+        """Forget everything.  Legal in any phase, and idempotent."""
+        self._reset()
+
+    def tpc_begin(self, txn):
+        pass
+
+    def commit(self, txn):
+        if self.unjournaled is not None and not self.jdb.allow_unjournaled:
+            obj = self.unjournaled
+            raise UnjournaledChangeError(
+                "the transaction changed %s (oid %r) outside any journaled"
+                " command; a rebuild from the journal would lose that"
+                " change. Make it inside a zjournal.Command, or open the"
+                " JournaledDB with allow_unjournaled=True"
+                % (type(obj).__name__, getattr(obj, "_p_oid", None)))
+
+    def tpc_vote(self, txn):
+        """The commit point: append and sync the transaction's records."""
+        if not self.pending:
+            return
+        try:
+            self.jdb.journal.append(self.pending)
+        except JournalSequenceError:
+            # The journal holds records the ZODB lacks (a ZODB finish
+            # failed after a journal vote): catch up, then retry.
+            self.jdb._needs_catch_up = True
+            raise
+        self.voted = True
+
+    def tpc_finish(self, txn):
+        self._reset()
+
+    def tpc_abort(self, txn):
+        """Abort; after a successful vote the journal's record stands.
+
+        The journal sorts last, so ``tpc_abort`` after its vote means a
+        ZODB ``tpc_finish`` failed: the record is the decision, and the
+        ZODB catches up from the journal on the next command or open.
+        """
+        if self.voted:
+            logger.critical(
+                "the ZODB failed to finish a transaction whose commands are"
+                " journaled (seq %d..%d); they will be replayed into the"
+                " ZODB", self.pending[0][0], self.pending[-1][0])
+            self.jdb._needs_catch_up = True
+        self._reset()
+
+    # -- ISavepointDataManager -----------------------------------------
+
+    def savepoint(self):
+        return JournalSavepoint(self)
+
+    def _reset(self):
+        self.pending = []
+        self.unjournaled = None
+        self.executing = False
+        self.voted = False
+        self.connection = None
+        self.joined = False
+
+    def __repr__(self):
+        return "<JournalDataManager %d pending>" % len(self.pending)
+
+
+@implementer(transaction.interfaces.IDataManagerSavepoint)
+class JournalSavepoint:
+    """Rolling back forgets the commands executed since the savepoint.
+
+    Their effects on objects are rolled back by the ZODB connection's own
+    savepoint, the marker's sequence number included.
+    """
+
+    def __init__(self, dm):
+        self.dm = dm
+        self.pending = len(dm.pending)
+        self.unjournaled = dm.unjournaled
+
+    def rollback(self):
+        del self.dm.pending[self.pending:]
+        self.dm.unjournaled = self.unjournaled

@@ -1,0 +1,267 @@
+"""JournaledDB: a ZODB whose every change is a journaled command.
+
+Entry points, from the most managed to the least:
+
+* :meth:`JournaledDB.execute` -- one command, its own transaction,
+  conflicts retried;
+* :meth:`JournaledDB.transaction` -- several commands, one commit;
+* :func:`execute` -- a command inside a transaction somebody else commits
+  (``pyramid_tm``, Zope's publisher).
+
+All three run the command the same way: its arguments are encoded before
+it runs (so what is journaled is what it was called with), it gets the
+next sequence number from the ZODB marker, and the marker is advanced in
+the same transaction.
+"""
+import contextlib
+import logging
+import random
+import threading
+import time
+
+import transaction
+import transaction.interfaces
+import ZODB.Connection
+from zope.interface import implementer
+
+from zjournal import commands
+from zjournal import recovery
+from zjournal.datamanager import JournalDataManager
+from zjournal.errors import JournalSequenceError
+from zjournal.errors import NotJournaledConnectionError
+from zjournal.errors import RecoveryError
+from zjournal.interfaces import IJournaledDB
+from zjournal.journal import FileJournal
+from zjournal.marker import MARKER_KEY
+
+logger = logging.getLogger(__name__)
+
+
+class JournaledConnection(ZODB.Connection.Connection):
+    """A ZODB connection that reports every changed object to zjournal.
+
+    ZODB calls ``_register`` for each object that becomes dirty (and for
+    each object added).  Reporting it lets the journal refuse a
+    transaction whose changes did not come from a command.
+    """
+
+    journaled_db = None     # set on the per-database subclass
+    zjournal_system = False  # recovery's own writes are not commands
+
+    def _register(self, obj=None):
+        super()._register(obj)
+        if obj is not None and not self.zjournal_system:
+            self.journaled_db._data_manager(self).note_change(obj)
+
+
+@implementer(IJournaledDB)
+class JournaledDB:
+    """Wrap a ``ZODB.DB`` and a journal; recover when opened.
+
+    ``journal`` is an :class:`~zjournal.interfaces.IJournal` or a path
+    (a :class:`~zjournal.FileJournal` is opened there).
+
+    Options:
+
+    ``allow_unjournaled``
+        Accept transactions that change objects outside commands.  Such
+        changes are lost by a rebuild; use it only for data that may be
+        (sessions, caches).  Default False: they are refused.
+    ``retries``
+        How many times :meth:`execute` retries a transient error (a
+        ``ConflictError``) before raising it.  Default 10.
+    ``batch_size``
+        Commands per ZODB commit during rebuild and catch-up.
+    ``progress``
+        A callable ``progress(done, total)`` called during long replays.
+    """
+
+    def __init__(self, db, journal, allow_unjournaled=False, retries=10,
+                 batch_size=1000, progress=None):
+        if isinstance(journal, str):
+            journal = FileJournal(journal)
+        self.db = db
+        self.journal = journal
+        self.allow_unjournaled = allow_unjournaled
+        self.retries = retries
+        self.batch_size = batch_size
+        self.progress = progress
+        # Journaled transactions are serialized at commit anyway (they all
+        # write the marker); serializing them here turns would-be
+        # conflicts between threads into a short wait.
+        self._lock = threading.RLock()
+        self._needs_catch_up = False
+        self._exec_tm = None
+        self._exec_conn = None
+        self._closed = False
+        self._install_connection_class()
+        self.recovery = recovery.recover(db, journal, batch_size=batch_size,
+                                         progress=progress)
+
+    def _install_connection_class(self):
+        if getattr(self.db.klass, "journaled_db", None) is not None:
+            raise RecoveryError("%r is already wrapped by a JournaledDB"
+                                % (self.db,))
+        self.db.klass = type("JournaledConnection", (JournaledConnection,),
+                             {"journaled_db": self})
+        # Connections pooled before now (DB() opens one to create the root)
+        # are of the plain class; drop them so that every connection
+        # handed out from now on reports its changes.
+        self.db.pool.clear()
+
+    # -- running commands ----------------------------------------------
+
+    def execute(self, command):
+        """Run ``command`` in its own transaction; return its result.
+
+        Transient errors (conflicts with other processes) are retried up to
+        ``retries`` times with a growing, jittered pause.
+        """
+        with self._lock:
+            for attempt in range(self.retries + 1):
+                if self._needs_catch_up:
+                    self.catch_up()
+                tm, conn = self._executor()
+                tm.begin()
+                try:
+                    result = execute(conn, command)
+                    tm.commit()
+                    return result
+                except transaction.interfaces.TransientError as e:
+                    tm.abort()
+                    if attempt == self.retries:
+                        raise
+                    if isinstance(e, JournalSequenceError):
+                        self._needs_catch_up = True
+                    logger.debug("retrying %s after %s", command, e)
+                    time.sleep(random.uniform(0, 0.002 * 2 ** min(attempt, 8)))
+                except BaseException:
+                    tm.abort()
+                    raise
+
+    def _executor(self):
+        # One connection serves execute(): calls are serialized, and a
+        # connection kept open keeps its object cache warm.
+        if self._exec_conn is None:
+            self._check_open()
+            self._exec_tm = transaction.TransactionManager()
+            self._exec_conn = self.db.open(self._exec_tm)
+        return self._exec_tm, self._exec_conn
+
+    @contextlib.contextmanager
+    def transaction(self):
+        """Yield a connection; commit its commands when the block ends.
+
+        The block runs in its own transaction (not the thread's); an
+        exception aborts it.  Conflicts are not retried: the block cannot
+        be rerun by zjournal.
+        """
+        with self._lock:
+            self._check_open()
+            if self._needs_catch_up:
+                self.catch_up()
+            tm = transaction.TransactionManager()
+            conn = self.db.open(tm)
+            try:
+                tm.begin()
+                try:
+                    yield conn
+                except BaseException:
+                    tm.abort()
+                    raise
+                tm.commit()
+            finally:
+                conn.close()
+
+    def open(self, *args, **kw):
+        """An ordinary ZODB connection; changes go through :func:`execute`."""
+        self._check_open()
+        return self.db.open(*args, **kw)
+
+    def catch_up(self):
+        """Replay journal entries the ZODB lacks (normally none)."""
+        with self._lock:
+            self._needs_catch_up = False
+            return recovery.recover(self.db, self.journal,
+                                    batch_size=self.batch_size,
+                                    progress=self.progress)
+
+    def close(self):
+        """Close the ZODB and the journal (releasing its lock).  Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                if self._exec_conn is not None:
+                    self._exec_tm.abort()
+                    self._exec_conn.close()
+                    self._exec_conn = None
+                self.db.close()
+            finally:
+                self.journal.close()
+
+    def _check_open(self):
+        if self._closed:
+            raise RecoveryError("this JournaledDB is closed")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- the per-transaction data manager ------------------------------
+
+    def _data_manager(self, conn):
+        txn = conn.transaction_manager.get()
+        try:
+            dm = txn.data(self)
+        except KeyError:
+            dm = JournalDataManager(self, txn, conn.transaction_manager)
+            txn.set_data(self, dm)
+        dm.join()
+        return dm
+
+    def _run(self, conn, command):
+        name, version, payload = commands.encode(command)
+        dm = self._data_manager(conn)
+        if dm.connection is None:
+            dm.connection = conn
+        elif dm.connection is not conn:
+            raise NotJournaledConnectionError(
+                "commands of one transaction must run on one connection")
+        root = conn.root()
+        marker = root[MARKER_KEY]
+        seq = marker.last_seq + 1
+        now = time.time()
+        context = commands.Context(seq, now)
+        dm.executing = True
+        try:
+            result = command.execute(root, context)
+            marker.last_seq = seq
+        except BaseException:
+            # Half a command must never be committed: the transaction can
+            # only be aborted now.
+            conn.transaction_manager.get().doom()
+            raise
+        finally:
+            dm.executing = False
+        dm.pending.append((seq, now, version, name, payload))
+        return result
+
+
+def execute(conn, command):
+    """Execute ``command`` in ``conn``'s current transaction.
+
+    The command is journaled when that transaction commits, atomically with
+    its effects, and is forgotten if the transaction aborts (or if a
+    savepoint from before it is rolled back).  If the command raises, the
+    transaction is doomed: it can be aborted, never committed.
+    """
+    jdb = getattr(conn, "journaled_db", None)
+    if jdb is None:
+        raise NotJournaledConnectionError(
+            "%r does not belong to a JournaledDB; open it with"
+            " JournaledDB.open()" % (conn,))
+    return jdb._run(conn, command)

@@ -1,0 +1,201 @@
+"""Exceptions raised by zjournal.
+
+Every refusal zjournal makes is one of these classes, so an application or
+an operator's script can tell "zjournal said no, and changed nothing" apart
+from a bug.  Each message says what was found and what to do about it;
+the structured fields (file, offset, seq, ...) are kept on the exception
+for programs.
+"""
+import transaction.interfaces
+
+
+class ZJournalError(Exception):
+    """Base class of every error zjournal raises on purpose."""
+
+
+# -- journal files -----------------------------------------------------------
+
+class JournalError(ZJournalError):
+    """A journal cannot be opened, read or written."""
+
+
+class JournalLockedError(JournalError):
+    """Another writer holds the journal's lock.
+
+    A journal has one writer at a time.  Readers (``zodb-journal info``,
+    ``verify``, ``dump``, ``rebuild``) never need the lock.
+    """
+
+    def __init__(self, path, holder):
+        self.path = path
+        self.holder = holder
+        super().__init__(
+            "journal %s is locked by another writer (%s); stop that process,"
+            " or open the journal read-only" % (path, holder or "unknown holder"))
+
+
+class CorruptJournalError(JournalError):
+    """The journal holds damaged bytes that are not a torn tail.
+
+    Nothing is truncated when this is raised: the bytes after the damage
+    may be acknowledged commands.  ``zodb-journal verify`` shows every
+    damaged place.
+    """
+
+    def __init__(self, path, offset, seq, reason):
+        self.path = path
+        self.offset = offset
+        self.seq = seq
+        self.reason = reason
+        where = "%s at offset %d" % (path, offset)
+        if seq is not None:
+            where += " (expected seq %d)" % seq
+        super().__init__(
+            "corrupt journal: %s: %s; the journal was not modified."
+            " Run 'zodb-journal verify %s' to see the damage"
+            % (where, reason, _journal_dir(path)))
+
+
+class UnsupportedFormatError(JournalError):
+    """A segment was written by a newer (or unknown) journal format."""
+
+
+class JournalFailedError(JournalError):
+    """The journal refuses appends after an I/O error (fail-stop).
+
+    Retrying a failed write or fsync and trusting the result is how logs
+    lose data (the kernel may have dropped the dirty pages).  Close the
+    journal and open it again: opening re-reads what is really on disk.
+    """
+
+    def __init__(self, path, cause):
+        self.path = path
+        self.cause = cause
+        super().__init__(
+            "journal %s refuses appends after an earlier I/O error (%s);"
+            " close it and open it again" % (path, cause))
+
+
+class JournalWriteError(JournalError):
+    """Writing a record failed; the record is not in the journal."""
+
+
+class OutcomeUnknownError(JournalError):
+    """Making a record durable failed: it may or may not be committed.
+
+    The record was written but fsync reported an error, so nobody can say
+    whether it survives a crash.  The ZODB transaction was aborted; when
+    the journal is reopened, recovery decides by what the journal holds:
+    if the record is there, the command is applied then.
+    """
+
+
+class JournalSequenceError(JournalError, transaction.interfaces.TransientError):
+    """The journal's last sequence number is not what the ZODB expects.
+
+    This happens when the journal got ahead of the ZODB (a ZODB commit
+    failed after the journal had the record); the database catches up and
+    the transaction can be retried.
+    """
+
+
+class ReadOnlyJournalError(JournalError):
+    """An append was attempted on a journal opened read-only."""
+
+
+# -- commands ----------------------------------------------------------------
+
+class CommandError(ZJournalError):
+    """A command class or a journaled command is unusable."""
+
+
+class CommandNameConflictError(CommandError):
+    """Two different command classes claim one command name."""
+
+
+class UnknownCommandError(CommandError):
+    """A journal entry names a command that no imported module registered.
+
+    This is a gap in the code, not in the journal: import the module that
+    defines the command (``--import`` for ``zodb-journal``).
+    """
+
+    def __init__(self, command_name, seq=None):
+        self.command_name = command_name
+        self.seq = seq
+        at = " at seq %d" % seq if seq is not None else ""
+        super().__init__(
+            "unknown command %r%s: import the module that defines it"
+            % (command_name, at))
+
+
+class DecodeError(CommandError):
+    """An entry's payload cannot be decoded safely.
+
+    Raised, among others, when the payload refers to a type outside the
+    allow-list: journal bytes are never allowed to run arbitrary code.
+    """
+
+    def __init__(self, message, seq=None, command_name=None):
+        self.seq = seq
+        self.command_name = command_name
+        if seq is not None:
+            message = "seq %d (%s): %s" % (seq, command_name, message)
+        super().__init__(message)
+
+
+class EncodeError(CommandError):
+    """A command's arguments cannot be written to the journal."""
+
+
+# -- the database ------------------------------------------------------------
+
+class RecoveryError(ZJournalError):
+    """The ZODB and the journal do not belong together as found."""
+
+
+class WrongJournalError(RecoveryError):
+    """The ZODB's marker names another journal."""
+
+
+class ZODBAheadError(RecoveryError):
+    """The ZODB has applied commands that the journal does not hold."""
+
+
+class NotJournaledError(RecoveryError):
+    """The ZODB holds data but no zjournal marker."""
+
+
+class ReplayError(RecoveryError):
+    """Replaying an entry failed: a divergence between journal and code.
+
+    ``seq`` and ``command_name`` name the entry; the original exception is
+    chained as ``__cause__``.  Everything before the entry stays applied,
+    and the ZODB's marker says so, so a rerun with fixed code resumes there.
+    """
+
+    def __init__(self, seq, command_name, cause):
+        self.seq = seq
+        self.command_name = command_name
+        super().__init__(
+            "replay stopped at seq %d (%s): %s: %s"
+            % (seq, command_name, type(cause).__name__, cause))
+
+
+class UnjournaledChangeError(ZJournalError):
+    """A transaction changed persistent objects outside any command.
+
+    Such a change is not in the journal, so a rebuild would silently lose
+    it.  Make the change inside a :class:`zjournal.Command`, or open the
+    :class:`zjournal.JournaledDB` with ``allow_unjournaled=True`` if that
+    data may be lost on rebuild (caches, sessions).
+    """
+
+
+class NotJournaledConnectionError(ZJournalError):
+    """A connection that does not belong to a JournaledDB was used."""
+
+
+def _journal_dir(path):
+    import os
+    return os.path.dirname(path) or path

@@ -1,0 +1,286 @@
+"""The on-disk format of a file journal.
+
+A journal is a directory of *segments*.  A segment is named after the
+sequence number of its first record, zero-padded to twenty digits so that
+names sort like numbers::
+
+    journal/
+        journal.lock                       writer lock (zc.lockfile)
+        00000000000000000001.zjl           records 1 .. 48210
+        00000000000000048211.zjl           records 48211 .. (still growing)
+        00000000000000048211.zjl.torn-1520 bytes cut from a torn tail
+
+Only files whose whole name matches ``<20 digits>.zjl`` are segments;
+everything else in the directory (the lock, cut tails, temporary files) is
+ignored by readers.
+
+All integers are big-endian and unsigned, so a hex dump reads naturally.
+
+Segment header, 48 bytes::
+
+    offset size  field
+    0      8     magic b"ZJOURNAL"
+    8      2     format version (1)
+    10     2     header size (48); readers skip what they do not know
+    12     16    journal identity (a UUID, the same in every segment)
+    28     8     first sequence number of this segment
+    36     8     creation time (IEEE 754 double, seconds since the epoch)
+    44     4     CRC-32 of bytes 0 .. 43
+
+Record, 42 bytes plus the command name and the payload::
+
+    offset size  field
+    0      4     CRC-32 of bytes 4 .. 8+n (length and body): one contiguous
+                 range, so one checksum call per record
+    4      4     n, the length of the body (bytes 8 .. 8+n)
+    8      8     sequence number: 1, 2, 3, ... with no gap across segments
+    16     8     time the command first executed (IEEE 754 double)
+    24     1     flags; bit 0 (END) marks the last record of a transaction
+    25     1     reserved, zero
+    26     2     command version (for upcasting old arguments)
+    28     2     k, the length of the command name
+    30     k     command name, UTF-8 (a registered name, never a class path)
+    30+k   m     payload: the command's arguments (see :mod:`zjournal.codec`)
+    8+n    4     n again, so the last record can be found from the end of
+                 the file without scanning the segment
+
+The commands of one transaction are written with a single ``write`` and
+only the last carries END.  After a crash, records after the last END are
+an unacknowledged transaction and are cut along with any torn bytes, which
+is what makes a transaction all-or-nothing in the journal.
+
+Telling a torn tail from corruption: a record that fails to validate with
+no valid record anywhere after it is a torn tail (the write in progress
+when the machine stopped, never acknowledged).  A record that fails to
+validate with a valid record after it is corruption of acknowledged data:
+it is reported with file, offset and expected sequence number, and nothing
+is truncated.
+"""
+import re
+import struct
+import zlib
+
+from zjournal.errors import CorruptJournalError
+from zjournal.errors import UnsupportedFormatError
+
+FORMAT_VERSION = 1
+
+SEGMENT_SUFFIX = ".zjl"
+SEGMENT_NAME_RE = re.compile(r"^(\d{20})\.zjl$")
+TORN_SUFFIX = ".torn-"
+LOCK_NAME = "journal.lock"
+
+MAGIC = b"ZJOURNAL"
+
+# magic, version, header size, identity, first seq, created; then the CRC.
+SEGMENT_HEADER = struct.Struct(">8sHH16sQd")
+SEGMENT_HEADER_CRC = struct.Struct(">I")
+SEGMENT_HEADER_SIZE = SEGMENT_HEADER.size + SEGMENT_HEADER_CRC.size
+assert SEGMENT_HEADER_SIZE == 48, SEGMENT_HEADER_SIZE
+
+# crc, n, seq, time, flags, reserved, version, name length
+RECORD_HEAD = struct.Struct(">IIQdBBHH")
+RECORD_HEAD_SIZE = RECORD_HEAD.size
+assert RECORD_HEAD_SIZE == 30, RECORD_HEAD_SIZE
+# The same without the CRC: what the CRC covers, before the name.
+RECORD_LENGTH_HEAD = struct.Struct(">IQdBBHH")
+CRC = TRAILER = struct.Struct(">I")
+# The part of the head that lies inside the body (seq .. name length).
+BODY_HEAD_SIZE = RECORD_HEAD_SIZE - 8
+# Bytes a record takes besides its name and payload.
+RECORD_OVERHEAD = RECORD_HEAD_SIZE + TRAILER.size
+assert RECORD_OVERHEAD == 34, RECORD_OVERHEAD
+# The smallest record: an empty name and an empty payload.
+MIN_RECORD_SIZE = RECORD_OVERHEAD
+
+FLAG_END = 0x01
+FLAGS_OFFSET = 24
+KNOWN_FLAGS = FLAG_END
+
+MAX_NAME_SIZE = 1024
+# A bound on what a reader will believe a length field says: a flipped bit
+# in a length must not make a reader allocate gigabytes.
+MAX_BODY_SIZE = 1 << 28
+
+
+def segment_name(first_seq):
+    return "%020d%s" % (first_seq, SEGMENT_SUFFIX)
+
+
+def parse_segment_name(name):
+    """Return the first sequence number a segment name stands for, or None."""
+    m = SEGMENT_NAME_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
+def encode_header(identity, first_seq, created):
+    head = SEGMENT_HEADER.pack(
+        MAGIC, FORMAT_VERSION, SEGMENT_HEADER_SIZE, identity, first_seq, created)
+    return head + SEGMENT_HEADER_CRC.pack(zlib.crc32(head))
+
+
+class SegmentHeader:
+    __slots__ = ("version", "size", "identity", "first_seq", "created")
+
+    def __init__(self, version, size, identity, first_seq, created):
+        self.version = version
+        self.size = size
+        self.identity = identity
+        self.first_seq = first_seq
+        self.created = created
+
+
+def decode_header(data, path):
+    """Decode a segment header, raising a precise error when it is unusable."""
+    if len(data) < SEGMENT_HEADER_SIZE:
+        raise CorruptJournalError(
+            path, 0, None, "segment header is %d bytes, should be %d bytes"
+            % (len(data), SEGMENT_HEADER_SIZE))
+    magic, version, size, identity, first_seq, created = (
+        SEGMENT_HEADER.unpack_from(data))
+    if magic != MAGIC:
+        raise CorruptJournalError(
+            path, 0, None, "not a zjournal segment (magic %r)" % magic)
+    (crc,) = SEGMENT_HEADER_CRC.unpack_from(data, SEGMENT_HEADER.size)
+    if zlib.crc32(data[:SEGMENT_HEADER.size]) != crc:
+        raise CorruptJournalError(
+            path, 0, None, "segment header checksum mismatch")
+    if version != FORMAT_VERSION:
+        raise UnsupportedFormatError(
+            "%s: journal format version %d is not supported by this zjournal"
+            " (it reads version %d); upgrade zjournal"
+            % (path, version, FORMAT_VERSION))
+    if size < SEGMENT_HEADER_SIZE:
+        raise CorruptJournalError(
+            path, 0, None, "segment header size %d is too small" % size)
+    return SegmentHeader(version, size, identity, first_seq, created)
+
+
+def encode_record(seq, time, flags, version, name, payload):
+    """Encode one record; ``name`` and ``payload`` are bytes."""
+    n = BODY_HEAD_SIZE + len(name) + len(payload)
+    head = RECORD_LENGTH_HEAD.pack(n, seq, time, flags, 0, version, len(name))
+    crc = zlib.crc32(payload, zlib.crc32(name, zlib.crc32(head)))
+    return b"".join((CRC.pack(crc), head, name, payload, TRAILER.pack(n)))
+
+
+def encode_transaction(items):
+    """Encode the records of one transaction, END on the last.
+
+    ``items`` is a sequence of ``(seq, time, version, name, payload)`` with
+    ``name`` and ``payload`` as bytes.
+    """
+    last = len(items) - 1
+    return b"".join(
+        encode_record(seq, time, FLAG_END if i == last else 0, version,
+                      name, payload)
+        for i, (seq, time, version, name, payload) in enumerate(items))
+
+
+class Record:
+    """One decoded, validated record and where it was found."""
+
+    __slots__ = ("seq", "time", "flags", "version", "name", "payload",
+                 "offset", "size")
+
+    def __init__(self, seq, time, flags, version, name, payload, offset,
+                 size):
+        self.seq = seq
+        self.time = time
+        self.flags = flags
+        self.version = version
+        self.name = name
+        self.payload = payload
+        self.offset = offset
+        self.size = size
+
+
+class BadRecord(Exception):
+    """Internal: the bytes at an offset are not a valid record.
+
+    ``truncated`` is true when the record is cut short by the end of the
+    data rather than failing a check.
+    """
+
+    def __init__(self, reason, truncated=False):
+        super().__init__(reason)
+        self.reason = reason
+        self.truncated = truncated
+
+
+def check_record(buf, pos, expected_seq=None):
+    """Validate the record at ``buf[pos:]`` and return its total size.
+
+    Raises :class:`BadRecord` saying why it is not valid.  The check order
+    puts cheap tests first; the CRC is computed once the framing holds.
+    """
+    end_of_data = len(buf)
+    if pos + RECORD_HEAD_SIZE > end_of_data:
+        raise BadRecord("record header cut short (%d of %d bytes)"
+                        % (end_of_data - pos, RECORD_HEAD_SIZE), True)
+    crc, n, seq, _, flags, reserved, _, k = RECORD_HEAD.unpack_from(buf, pos)
+    if n < BODY_HEAD_SIZE + k or n > MAX_BODY_SIZE or k > MAX_NAME_SIZE:
+        raise BadRecord("implausible lengths (body %d, name %d)" % (n, k))
+    size = n + 12
+    if pos + size > end_of_data:
+        raise BadRecord("record of %d bytes cut short at %d bytes"
+                        % (size, end_of_data - pos), True)
+    if zlib.crc32(memoryview(buf)[pos + 4:pos + 8 + n]) != crc:
+        raise BadRecord("checksum mismatch")
+    if TRAILER.unpack_from(buf, pos + 8 + n)[0] != n:
+        raise BadRecord("trailing length does not match")
+    if flags & ~KNOWN_FLAGS or reserved:
+        raise BadRecord("unknown flags %#x" % flags)
+    if expected_seq is not None and seq != expected_seq:
+        raise BadRecord("sequence number %d, expected %d" % (seq, expected_seq))
+    return size
+
+
+def decode_record(buf, pos, names, cls=Record, base=0):
+    """Decode a record already validated by :func:`check_record`.
+
+    ``names`` caches decoded command names: a journal repeats a handful of
+    names millions of times.  ``base`` is the file offset of ``buf[0]``.
+    """
+    _, n, seq, time, flags, _, version, k = RECORD_HEAD.unpack_from(buf, pos)
+    start = pos + RECORD_HEAD_SIZE
+    raw = bytes(buf[start:start + k])
+    name = names.get(raw)
+    if name is None:
+        name = names[raw] = raw.decode("utf-8", "replace")
+    payload = bytes(buf[start + k:pos + 8 + n])
+    return cls(seq, time, flags, version, name, payload, base + pos, n + 12)
+
+
+def find_valid_record(buf, start, min_seq):
+    """Return the offset of the first valid record after ``start``, or None.
+
+    Used to tell a torn tail from corruption.  A valid record there must
+    carry a sequence number of at least ``min_seq`` and at most one per
+    34 bytes more, so instead of trying every byte offset this looks for
+    the few 6-byte prefixes such numbers can have and checks only the
+    offsets where one occurs.
+    """
+    end = len(buf)
+    max_seq = min_seq + max(0, end - start) // MIN_RECORD_SIZE + 1
+    prefixes = sorted({struct.pack(">Q", s)[:6]
+                       for s in range(min_seq, max_seq + 1, 1 << 16)}
+                      | {struct.pack(">Q", max_seq)[:6]})
+    found = None
+    for prefix in prefixes:
+        at = buf.find(prefix, start + 1 + 8)
+        while at != -1:
+            pos = at - 8
+            if found is not None and pos >= found:
+                break
+            try:
+                check_record(buf, pos)
+            except BadRecord:
+                pass
+            else:
+                seq = struct.unpack_from(">Q", buf, pos + 8)[0]
+                if min_seq <= seq <= max_seq:
+                    found = pos
+                    break
+            at = buf.find(prefix, at + 1)
+    return found

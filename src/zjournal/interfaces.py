@@ -1,0 +1,87 @@
+"""The contracts between zjournal's parts, as the Zope world states them.
+
+A journal backend (file today; SQLite and PostgreSQL later) provides
+:class:`IJournal`; the recovery code and the data manager talk to nothing
+else, which is what lets backends be swapped without touching the commit
+protocol.
+"""
+from zope.interface import Attribute
+from zope.interface import Interface
+
+
+class ICommand(Interface):
+    """A serializable change to the application's state."""
+
+    command_name = Attribute(
+        "Stable name stored in the journal; default '<module>.<qualname>'.")
+    command_version = Attribute(
+        "Version of the argument layout, for upcasting old entries.")
+
+    def execute(root, context):
+        """Apply the change to the ZODB root mapping and return a result.
+
+        Must be deterministic given the ZODB state, the command's
+        arguments and ``context``: replay executes it again.
+        """
+
+
+class IContext(Interface):
+    """Deterministic facts given to a command, identical on replay."""
+
+    seq = Attribute("The command's journal sequence number.")
+    time = Attribute("Seconds since the epoch when the command first ran.")
+    random = Attribute("A random.Random seeded from the journal entry.")
+    replaying = Attribute("True while the journal is being replayed.")
+
+
+class IEntry(Interface):
+    """One command as recorded in a journal."""
+
+    seq = Attribute("Sequence number, 1, 2, 3, ... without gaps.")
+    time = Attribute("The context.time the command saw.")
+    command_name = Attribute("The registered name of the command.")
+    version = Attribute("The command_version it was written with.")
+    payload = Attribute("The encoded arguments, as bytes.")
+    args = Attribute("The decoded arguments (a dict for ordinary commands).")
+    command = Attribute("The command, rebuilt through the registry.")
+
+
+class IJournal(Interface):
+    """An append-only, durable sequence of command records."""
+
+    identity = Attribute("Unique identity of the journal (a UUID string).")
+    last_seq = Attribute("Sequence number of the last durable record, or 0.")
+    readonly = Attribute("True when the journal was opened for reading.")
+
+    def append(items):
+        """Durably append the records of one transaction, atomically.
+
+        ``items`` is a sequence of ``(seq, time, version, name, payload)``;
+        the first seq must be ``last_seq + 1``.  When this returns (under
+        the default fsync policy), the records survive a crash.
+        """
+
+    def entries(start=1, stop=None):
+        """Iterate over entries with ``start <= seq < stop``."""
+
+    def close():
+        """Release files and the writer lock.  Idempotent."""
+
+
+class IJournaledDB(Interface):
+    """A ZODB whose every change is a journaled command."""
+
+    db = Attribute("The wrapped ZODB.DB.")
+    journal = Attribute("The IJournal the commands go to.")
+
+    def execute(command):
+        """Run one command in its own transaction and return its result."""
+
+    def transaction():
+        """Context manager: a connection for several commands, one commit."""
+
+    def open():
+        """Return an ordinary ZODB connection (thread's transaction)."""
+
+    def close():
+        """Close the database and the journal."""

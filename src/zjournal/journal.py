@@ -1,0 +1,725 @@
+"""The file journal: segmented, append-only, durable.
+
+Lifecycle of a writer (a :class:`FileJournal` opened without
+``readonly``):
+
+1. take the directory's writer lock (``zc.lockfile``);
+2. list the segment names (no segment is read but the first's header and
+   the last);
+3. find the end of the last segment from its end: the trailing length of
+   the last record leads to its start, and a record that validates and
+   ends a transaction proves the tail is clean.  Only when it does not is
+   the last segment scanned forward, to tell a torn tail (cut back, the
+   cut bytes kept in ``<segment>.torn-<offset>``) from corruption (an
+   error, nothing changed);
+4. append each transaction with one ``write`` on an ``O_APPEND``
+   descriptor, then ``fdatasync`` under the ``always`` policy.
+
+The safety argument for cutting a torn tail: records are acknowledged
+only after the whole transaction was written and synced, and nothing valid
+follows the cut, so the cut bytes were never acknowledged.  They are kept
+anyway, because the argument assumes the disk did what it was told.
+
+Any error from ``write`` or ``fsync`` puts the journal in a failed state:
+it refuses appends until it is closed and opened again, because after a
+failed fsync the kernel may have dropped the dirty pages, and a retry that
+succeeds proves nothing.
+"""
+import bisect
+import errno
+import logging
+import os
+import threading
+import time as _time
+import uuid
+
+import zc.lockfile
+from zope.interface import implementer
+
+from zjournal import commands
+from zjournal import codec
+from zjournal.errors import CorruptJournalError
+from zjournal.errors import JournalError
+from zjournal.errors import JournalFailedError
+from zjournal.errors import JournalLockedError
+from zjournal.errors import JournalSequenceError
+from zjournal.errors import JournalWriteError
+from zjournal.errors import OutcomeUnknownError
+from zjournal.errors import ReadOnlyJournalError
+from zjournal.format import RECORD_HEAD
+from zjournal.format import RECORD_HEAD_SIZE
+from zjournal.format import SEGMENT_HEADER_SIZE
+from zjournal.format import FLAG_END
+from zjournal.format import FLAGS_OFFSET
+from zjournal.format import LOCK_NAME
+from zjournal.format import TORN_SUFFIX
+from zjournal.format import TRAILER
+from zjournal.format import BadRecord
+from zjournal.format import Record
+from zjournal.format import check_record
+from zjournal.format import decode_header
+from zjournal.format import decode_record
+from zjournal.format import encode_header
+from zjournal.format import encode_transaction
+from zjournal.format import find_valid_record
+from zjournal.format import parse_segment_name
+from zjournal.format import segment_name
+from zjournal.interfaces import IEntry
+from zjournal.interfaces import IJournal
+
+logger = logging.getLogger(__name__)
+
+FSYNC_POLICIES = ("always", "never")
+# A segment is closed once it reaches this size; the next transaction
+# starts a new one.  Small enough that a scan of the last segment after a
+# crash is quick, large enough that a directory stays short.
+DEFAULT_SEGMENT_SIZE = 64 << 20
+# Reads go through buffers of this size: a replay's memory does not grow
+# with the size of a segment.
+READ_CHUNK = 1 << 20
+
+
+class FileIO:
+    """The system calls the journal writes through.
+
+    Everything that changes bytes on disk goes through one instance, so
+    fault-injection tests can replace it with one that fails, writes short
+    or forgets unsynced data, while the journal code stays the production
+    code.
+    """
+
+    def open_append(self, path):
+        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+
+    def create(self, path, data):
+        """Write a new file holding ``data`` and sync it."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                     0o644)
+        try:
+            self.write(fd, data)
+            self.sync(fd)
+        finally:
+            os.close(fd)
+
+    def write(self, fd, data):
+        """Write all of ``data``; ``os.write`` may write less than asked."""
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            if n <= 0:
+                raise OSError(errno.EIO, "write returned %d" % n)
+            view = view[n:]
+
+    def sync(self, fd):
+        # fdatasync also flushes the file size, which is all an append
+        # changes besides the data.
+        (os.fdatasync if hasattr(os, "fdatasync") else os.fsync)(fd)
+
+    def sync_dir(self, path):
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def truncate(self, fd, size):
+        os.ftruncate(fd, size)
+
+    def rename(self, src, dst):
+        os.rename(src, dst)
+
+    def remove(self, path):
+        os.remove(path)
+
+    def close(self, fd):
+        os.close(fd)
+
+
+@implementer(IEntry)
+class Entry(Record):
+    """A journal entry, as :meth:`FileJournal.entries` yields it."""
+
+    __slots__ = ()
+
+    @property
+    def command_name(self):
+        return self.name
+
+    @property
+    def args(self):
+        """The command's arguments, decoded without the command's code."""
+        try:
+            return codec.loads(self.payload)
+        except Exception as e:
+            raise type(e)(str(e), self.seq, self.name) from e
+
+    @property
+    def command(self):
+        return commands.decode(self.name, self.version, self.payload, self.seq)
+
+    def __repr__(self):
+        return "<Entry seq=%d %s>" % (self.seq, self.name)
+
+
+class TornTail:
+    """What was found (and, for a writer, cut) at the end of the journal."""
+
+    def __init__(self, path, offset, size, reason, saved_as=None):
+        self.path = path
+        self.offset = offset
+        self.size = size
+        self.reason = reason
+        self.saved_as = saved_as
+
+    def __repr__(self):
+        return "<TornTail %s at %d: %d bytes, %s>" % (
+            self.path, self.offset, self.size, self.reason)
+
+
+class ScanReport:
+    """The result of :meth:`FileJournal.verify`."""
+
+    def __init__(self):
+        self.segments = 0
+        self.records = 0
+        self.bytes = 0
+        self.first_seq = None
+        self.last_seq = 0
+        self.torn_tail = None
+        self.seconds = 0.0
+
+
+@implementer(IJournal)
+class FileJournal:
+    """A journal kept in a directory of segment files.
+
+    ``fsync`` is ``"always"`` (the default: a record is on disk before the
+    commit returns) or ``"never"`` (for tests and bulk loads: a crash may
+    lose recent records).  ``readonly=True`` opens without the writer lock
+    and never modifies a file; a torn tail is then reported, not cut.
+    """
+
+    def __init__(self, path, fsync="always", readonly=False,
+                 segment_size=DEFAULT_SEGMENT_SIZE, io=None):
+        if fsync not in FSYNC_POLICIES:
+            raise ValueError("fsync must be one of %s, not %r"
+                             % (", ".join(FSYNC_POLICIES), fsync))
+        if segment_size < SEGMENT_HEADER_SIZE:
+            raise ValueError("segment_size is too small: %r" % segment_size)
+        self.path = os.path.abspath(path)
+        self.fsync = fsync
+        self.readonly = readonly
+        self.segment_size = segment_size
+        self._io = io if io is not None else FileIO()
+        self._lock = None
+        self._fd = None
+        self._failed = None
+        self._closed = False
+        self._append_lock = threading.Lock()
+        self.torn_tail = None
+        try:
+            self._open()
+        except BaseException:
+            self._release()
+            raise
+
+    # -- opening -------------------------------------------------------
+
+    def _open(self):
+        if self.readonly:
+            if not os.path.isdir(self.path):
+                raise JournalError("no journal at %s (no such directory)"
+                                   % self.path)
+        else:
+            os.makedirs(self.path, exist_ok=True)
+            self._lock = _take_lock(self.path)
+        self._segments = self._list_segments()
+        if not self._segments:
+            if self.readonly:
+                raise JournalError("no journal at %s (no segment files)"
+                                   % self.path)
+            self._create()
+        first = self._read_header(self._segments[0])
+        self.identity_bytes = first.identity
+        self.created = first.created
+        self._open_tail()
+        if not self.readonly:
+            self._fd = self._io.open_append(self._segment_path(self._segments[-1]))
+
+    def _list_segments(self):
+        found = []
+        for name in os.listdir(self.path):
+            seq = parse_segment_name(name)
+            if seq is not None:
+                found.append(seq)
+            elif name.endswith(".tmp") and not self.readonly:
+                # A segment whose creation was interrupted: never renamed,
+                # so never part of the journal.
+                self._io.remove(os.path.join(self.path, name))
+        found.sort()
+        return found
+
+    def _create(self):
+        header = encode_header(uuid.uuid4().bytes, 1, _time.time())
+        self._install_segment(1, header)
+        logger.info("created journal %s", self.path)
+
+    def _install_segment(self, first_seq, header):
+        final = self._segment_path(first_seq)
+        tmp = final + ".tmp"
+        self._io.create(tmp, header)
+        self._io.rename(tmp, final)
+        self._io.sync_dir(self.path)
+        self._segments.append(first_seq)
+
+    def _segment_path(self, first_seq):
+        return os.path.join(self.path, segment_name(first_seq))
+
+    def _read_header(self, first_seq):
+        path = self._segment_path(first_seq)
+        with open(path, "rb") as f:
+            header = decode_header(f.read(SEGMENT_HEADER_SIZE), path)
+        if header.first_seq != first_seq:
+            raise CorruptJournalError(
+                path, 0, first_seq, "segment header says it starts at seq %d"
+                % header.first_seq)
+        if getattr(self, "identity_bytes", header.identity) != header.identity:
+            raise CorruptJournalError(
+                path, 0, first_seq,
+                "segment belongs to journal %s, not %s"
+                % (uuid.UUID(bytes=header.identity), self.identity))
+        return header
+
+    def _open_tail(self):
+        first_seq = self._segments[-1]
+        header = self._read_header(first_seq)
+        path = self._segment_path(first_seq)
+        size = os.path.getsize(path)
+        self._header_size = header.size
+        found = self._tail_from_end(path, header, size)
+        if found is None:
+            found = self._tail_by_scan(path, header, size)
+        self.last_seq, self._end = found
+
+    def _tail_from_end(self, path, header, size):
+        """Find the last record from the end; None unless the tail is clean."""
+        if size == header.size:
+            return header.first_seq - 1, size
+        if size < header.size + RECORD_HEAD_SIZE + TRAILER.size:
+            return None
+        with open(path, "rb") as f:
+            f.seek(size - TRAILER.size)
+            (n,) = TRAILER.unpack(f.read(TRAILER.size))
+            start = size - n - 12
+            if start < header.size:
+                return None
+            f.seek(start)
+            data = f.read(size - start)
+        try:
+            check_record(data, 0)
+        except BadRecord:
+            return None
+        _, _, seq, _, flags, _, _, _ = RECORD_HEAD.unpack_from(data)
+        if not flags & FLAG_END or seq < header.first_seq:
+            return None
+        return seq, size
+
+    def _tail_by_scan(self, path, header, size):
+        """Scan the last segment forward; cut (or report) a torn tail."""
+        with open(path, "rb") as f:
+            f.seek(header.size)
+            buf = f.read()
+        pos = 0
+        expected = header.first_seq
+        boundary, boundary_seq = 0, expected - 1
+        reason = None
+        while pos < len(buf):
+            try:
+                size = check_record(buf, pos, expected)
+            except BadRecord as e:
+                reason = e.reason
+                break
+            flags = buf[pos + FLAGS_OFFSET]
+            pos += size
+            if flags & FLAG_END:
+                boundary, boundary_seq = pos, expected
+            expected += 1
+        if reason is None and boundary == len(buf):
+            return boundary_seq, header.size + boundary
+        if reason is not None:
+            later = find_valid_record(buf, pos, expected)
+            if later is not None:
+                raise CorruptJournalError(
+                    path, header.size + pos, expected,
+                    "%s, and a valid record follows at offset %d"
+                    % (reason, header.size + later))
+        else:
+            reason = "transaction without its last record"
+        torn = TornTail(path, header.size + boundary, len(buf) - boundary,
+                        reason)
+        if not self.readonly:
+            self._cut(torn, buf[boundary:])
+        else:
+            logger.info("journal %s has an incomplete tail at offset %d"
+                        " (%d bytes: %s); a writer will cut it when it opens",
+                        path, torn.offset, torn.size, reason)
+        self.torn_tail = torn
+        return boundary_seq, torn.offset
+
+    def _cut(self, torn, data):
+        """Keep the torn bytes aside, then truncate them away."""
+        torn.saved_as = "%s%s%d" % (torn.path, TORN_SUFFIX, torn.offset)
+        self._io.create(torn.saved_as, data)
+        self._io.sync_dir(self.path)
+        fd = self._io.open_append(torn.path)
+        try:
+            self._io.truncate(fd, torn.offset)
+            self._io.sync(fd)
+        finally:
+            self._io.close(fd)
+        logger.warning(
+            "journal %s: cut a torn tail of %d bytes at offset %d (%s);"
+            " the bytes are kept in %s", torn.path, torn.size, torn.offset,
+            torn.reason, torn.saved_as)
+
+    # -- writing -------------------------------------------------------
+
+    @property
+    def identity(self):
+        return str(uuid.UUID(bytes=self.identity_bytes))
+
+    def append(self, items):
+        """Durably append one transaction's records; see :class:`IJournal`."""
+        if self.readonly:
+            raise ReadOnlyJournalError("journal %s is open read-only"
+                                       % self.path)
+        with self._append_lock:
+            if self._closed:
+                raise JournalError("journal %s is closed" % self.path)
+            if self._failed is not None:
+                raise JournalFailedError(self.path, self._failed)
+            first = items[0][0]
+            if first != self.last_seq + 1:
+                raise JournalSequenceError(
+                    "journal %s ends at seq %d, cannot append seq %d"
+                    % (self.path, self.last_seq, first))
+            data = encode_transaction([
+                (seq, t, version, name.encode("utf-8"), payload)
+                for seq, t, version, name, payload in items])
+            if self._end >= self.segment_size:
+                self._roll(first)
+            self._write(data)
+            if self.fsync == "always":
+                self._sync()
+            self._end += len(data)
+            self.last_seq = items[-1][0]
+
+    def _write(self, data):
+        try:
+            self._io.write(self._fd, data)
+        except OSError as e:
+            self._failed = e
+            # Leave nothing half-written: a partial record would be read
+            # as a torn tail, but only after a reopen.
+            try:
+                self._io.truncate(self._fd, self._end)
+                self._io.sync(self._fd)
+            except OSError:
+                logger.exception("journal %s: could not cut back a failed"
+                                 " write; reopening will cut it", self.path)
+            raise JournalWriteError(
+                "journal %s: write failed (%s); the records were not"
+                " journaled" % (self.path, e)) from e
+
+    def _sync(self):
+        try:
+            self._io.sync(self._fd)
+        except OSError as e:
+            self._failed = e
+            raise OutcomeUnknownError(
+                "journal %s: fsync failed (%s); whether the last transaction"
+                " is durable is unknown. Reopen the journal: recovery will"
+                " apply it if the journal holds it" % (self.path, e)) from e
+
+    def _roll(self, first_seq):
+        """Close the current segment and start one named ``first_seq``."""
+        try:
+            # Under "never" the old segment may hold unsynced records; a
+            # later segment must never exist beside a torn earlier one.
+            self._io.sync(self._fd)
+            self._install_segment(first_seq, encode_header(
+                self.identity_bytes, first_seq, _time.time()))
+            old, self._fd = self._fd, None
+            self._io.close(old)
+            self._fd = self._io.open_append(self._segment_path(first_seq))
+        except OSError as e:
+            self._failed = e
+            raise JournalWriteError(
+                "journal %s: could not start segment %s (%s)"
+                % (self.path, segment_name(first_seq), e)) from e
+        self._end = self._header_size = SEGMENT_HEADER_SIZE
+        logger.info("journal %s: started segment %s", self.path,
+                    segment_name(first_seq))
+
+    # -- reading -------------------------------------------------------
+
+    @property
+    def first_seq(self):
+        return self._segments[0]
+
+    def segments(self):
+        """Paths of the segment files, oldest first."""
+        return [self._segment_path(s) for s in self._segments]
+
+    def entries(self, start=1, stop=None):
+        """Yield entries with ``start <= seq < stop``, oldest first.
+
+        A writer yields what was durable when the iteration started; a
+        read-only journal reads on to the last complete transaction it
+        finds, so a follower sees what a writer appends meanwhile.
+        """
+        if stop is None:
+            stop = self.last_seq + 1 if not self.readonly else float("inf")
+        elif not self.readonly:
+            stop = min(stop, self.last_seq + 1)
+        start = max(start, 1)
+        if start >= stop:
+            return
+        segs = self._list_segments() if self.readonly else list(self._segments)
+        i = max(bisect.bisect_right(segs, start) - 1, 0)
+        for j in range(i, len(segs)):
+            for entry in self._read_segment(segs[j], start, stop,
+                                            j == len(segs) - 1):
+                yield entry
+                if entry.seq + 1 >= stop:
+                    return
+
+    def _read_segment(self, first_seq, start, stop, is_last, report=None):
+        path = self._segment_path(first_seq)
+        with open(path, "rb") as f:
+            header = decode_header(f.read(SEGMENT_HEADER_SIZE), path)
+            if header.first_seq != first_seq:
+                raise CorruptJournalError(
+                    path, 0, first_seq, "segment header says it starts at"
+                    " seq %d" % header.first_seq)
+            if header.identity != self.identity_bytes:
+                raise CorruptJournalError(
+                    path, 0, first_seq, "segment belongs to journal %s, not %s"
+                    % (uuid.UUID(bytes=header.identity), self.identity))
+            f.seek(header.size)
+            yield from _scan(f, path, header.size, first_seq, start, stop,
+                             is_last and self.readonly, report)
+
+    def verify(self):
+        """Read and check every record; return a :class:`ScanReport`.
+
+        Raises :class:`~zjournal.errors.CorruptJournalError` at the first
+        damage.  A torn tail is reported in ``report.torn_tail``.
+        """
+        report = ScanReport()
+        began = _time.perf_counter()
+        segs = self._list_segments() if self.readonly else list(self._segments)
+        stop = float("inf") if self.readonly else self.last_seq + 1
+        expected = segs[0]
+        for j, first_seq in enumerate(segs):
+            path = self._segment_path(first_seq)
+            if first_seq != expected:
+                raise CorruptJournalError(
+                    path, 0, expected, "segment starts at seq %d, but the"
+                    " previous segment ends at seq %d"
+                    % (first_seq, expected - 1))
+            report.segments += 1
+            report.bytes += os.path.getsize(path)
+            for entry in self._read_segment(first_seq, 1, stop,
+                                            j == len(segs) - 1, report):
+                report.records += 1
+                if report.first_seq is None:
+                    report.first_seq = entry.seq
+                report.last_seq = entry.seq
+                expected = entry.seq + 1
+            expected = max(expected, first_seq)
+        if self.torn_tail is not None and report.torn_tail is None:
+            report.torn_tail = self.torn_tail
+        report.seconds = _time.perf_counter() - began
+        return report
+
+    def info(self):
+        """A summary for operators; reads only headers and the tail."""
+        segs = self.segments()
+        return {
+            "path": self.path,
+            "identity": self.identity,
+            "format_version": 1,
+            "created": self.created,
+            "segments": len(segs),
+            "first_seq": self.first_seq,
+            "last_seq": self.last_seq,
+            "bytes": sum(os.path.getsize(p) for p in segs),
+            "torn_tail": None if self.torn_tail is None else {
+                "file": self.torn_tail.path, "offset": self.torn_tail.offset,
+                "bytes": self.torn_tail.size, "reason": self.torn_tail.reason,
+                "saved_as": self.torn_tail.saved_as},
+            "writer_active": writer_active(self.path) if self.readonly
+            else True,
+        }
+
+    # -- closing -------------------------------------------------------
+
+    def close(self):
+        """Close the segment and release the writer lock.  Idempotent."""
+        with self._append_lock:
+            self._closed = True
+            self._release()
+
+    def _release(self):
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            try:
+                self._io.close(fd)
+            except OSError:
+                logger.exception("journal %s: error closing segment",
+                                 self.path)
+        if self._lock is not None:
+            lock, self._lock = self._lock, None
+            lock.close()
+
+    @property
+    def closed(self):
+        return self._closed
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return "<FileJournal %s last_seq=%s%s>" % (
+            self.path, getattr(self, "last_seq", "?"),
+            " readonly" if self.readonly else "")
+
+
+def _scan(f, path, base, expected, start, stop, lenient_tail, report):
+    """Yield validated entries of one open segment, read in chunks.
+
+    ``lenient_tail``: for a reader of the last segment, stop quietly at an
+    incomplete tail (a writer may be in the middle of a write) unless a
+    valid record follows it.
+    """
+    names = {}
+    buf = b""
+    pos = 0
+    offset = base  # file offset of buf[0]
+    held = []  # records of a transaction whose END is not read yet
+    eof = False
+    while True:
+        if not eof and len(buf) - pos < READ_CHUNK:
+            chunk = f.read(READ_CHUNK)
+            if chunk:
+                buf = buf[pos:] + chunk
+                offset += pos
+                pos = 0
+            else:
+                eof = True
+        if pos >= len(buf):
+            break
+        try:
+            size = check_record(buf, pos, expected)
+        except BadRecord as e:
+            if e.truncated and not eof:
+                # Need more bytes than one chunk holds.
+                more = f.read(max(READ_CHUNK, 1 << 20))
+                if more:
+                    buf = buf[pos:] + more
+                    offset += pos
+                    pos = 0
+                    continue
+                eof = True
+            _bad_tail(f, path, buf, pos, offset, expected, e, lenient_tail,
+                      report, held)
+            return
+        entry = decode_record(buf, pos, names, Entry, offset)
+        pos += size
+        expected += 1
+        if entry.seq >= stop:
+            return
+        if entry.flags & FLAG_END:
+            if held:
+                for h in held:
+                    if h.seq >= start:
+                        yield h
+                del held[:]
+            if entry.seq >= start:
+                yield entry
+        else:
+            held.append(entry)
+    if held:
+        # The segment ends inside a transaction.
+        _bad_tail(f, path, buf, pos, offset, expected,
+                  BadRecord("transaction without its last record", True),
+                  lenient_tail, report, held)
+
+
+def _bad_tail(f, path, buf, pos, offset, expected, err, lenient_tail,
+              report, held):
+    """Decide what an invalid record at ``buf[pos]`` is, and act on it."""
+    rest = buf[pos:] + f.read()
+    later = None if not rest else find_valid_record(rest, 0, expected)
+    at = held[0].offset if held else offset + pos
+    seq = held[0].seq if held else expected
+    if later is None and lenient_tail:
+        size = offset + pos + len(rest) - at
+        logger.debug("%s: stopping at an incomplete tail at offset %d", path,
+                     at)
+        if report is not None:
+            report.torn_tail = TornTail(path, at, size, err.reason)
+        return
+    if later is not None:
+        reason = "%s, and a valid record follows at offset %d" % (
+            err.reason, offset + pos + later)
+    else:
+        reason = err.reason
+    raise CorruptJournalError(path, at, seq, reason)
+
+
+def _take_lock(path):
+    lock_path = os.path.join(path, LOCK_NAME)
+    try:
+        return zc.lockfile.LockFile(lock_path,
+                                    content_template="{pid} on {hostname}")
+    except zc.lockfile.LockError:
+        raise JournalLockedError(path, _lock_holder(lock_path)) from None
+
+
+def _lock_holder(lock_path):
+    try:
+        with open(lock_path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return "process %s" % text if text else None
+
+
+def writer_active(path):
+    """Whether some process holds the journal's writer lock right now.
+
+    Asked without writing anything: a shared lock attempt on a read-only
+    descriptor fails exactly while a writer holds the exclusive lock.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover
+        return None
+    try:
+        fd = os.open(os.path.join(path, LOCK_NAME), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
