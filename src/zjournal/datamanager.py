@@ -20,6 +20,7 @@ import logging
 import transaction.interfaces
 from zope.interface import implementer
 
+from zjournal import faults
 from zjournal.errors import JournalSequenceError
 from zjournal.errors import UnjournaledChangeError
 
@@ -88,6 +89,7 @@ class JournalDataManager:
         """The commit point: append and sync the transaction's records."""
         if not self.pending:
             return
+        faults.point("vote.before-append")
         try:
             self.jdb.journal.append(self.pending)
         except JournalSequenceError:
@@ -96,8 +98,11 @@ class JournalDataManager:
             self.jdb._needs_catch_up = True
             raise
         self.voted = True
+        faults.point("vote.after-sync")
 
     def tpc_finish(self, txn):
+        if self.voted:
+            faults.point("finish.after-zodb")
         self._reset()
 
     def tpc_abort(self, txn):

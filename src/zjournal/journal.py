@@ -37,6 +37,7 @@ import zc.lockfile
 from zope.interface import implementer
 
 from zjournal import commands
+from zjournal import faults
 from zjournal import codec
 from zjournal.errors import CorruptJournalError
 from zjournal.errors import JournalError
@@ -371,6 +372,7 @@ class FileJournal:
         torn.saved_as = "%s%s%d" % (torn.path, TORN_SUFFIX, torn.offset)
         self._io.create(torn.saved_as, data)
         self._io.sync_dir(self.path)
+        faults.point("repair.after-save")
         fd = self._io.open_append(torn.path)
         try:
             self._io.truncate(fd, torn.offset)
@@ -409,6 +411,7 @@ class FileJournal:
             if self._end >= self.segment_size:
                 self._roll(first)
             self._write(data)
+            faults.point("append.after-write")
             if self.fsync == "always":
                 self._sync()
             self._end += len(data)
@@ -449,6 +452,7 @@ class FileJournal:
             self._io.sync(self._fd)
             self._install_segment(first_seq, encode_header(
                 self.identity_bytes, first_seq, _time.time()))
+            faults.point("roll.after-create")
             old, self._fd = self._fd, None
             self._io.close(old)
             self._fd = self._io.open_append(self._segment_path(first_seq))

@@ -27,6 +27,7 @@ import time
 import transaction
 
 from zjournal import commands
+from zjournal import faults
 from zjournal.errors import CommandError
 from zjournal.errors import NotJournaledError
 from zjournal.errors import ReplayError
@@ -192,6 +193,7 @@ def replay(tm, conn, entries, batch_size=1000, progress=None, total=None):
             if in_batch >= batch_size:
                 marker.last_seq = seq
                 tm.commit()
+                faults.point("replay.after-commit")
                 conn.cacheGC()
                 in_batch = 0
                 if progress is not None:
