@@ -21,7 +21,6 @@ setup(
     classifiers=[
         "Development Status :: 3 - Alpha",
         "Framework :: ZODB",
-        "License :: OSI Approved :: Zope Public License",
         "Programming Language :: Python :: 3",
         "Topic :: Database",
     ],

@@ -42,7 +42,10 @@ class JournaledConnection(ZODB.Connection.Connection):
 
     ZODB calls ``_register`` for each object that becomes dirty (and for
     each object added).  Reporting it lets the journal refuse a
-    transaction whose changes did not come from a command.
+    transaction whose changes did not come from a command.  ZODB reports
+    an object only on its first change in a transaction, so an object a
+    command already changed can be changed again outside it unnoticed:
+    the guard catches the common mistake, it is not a proof.
     """
 
     journaled_db = None     # set on the per-database subclass
@@ -59,7 +62,9 @@ class JournaledDB:
     """Wrap a ``ZODB.DB`` and a journal; recover when opened.
 
     ``journal`` is an :class:`~zjournal.interfaces.IJournal` or a path
-    (a :class:`~zjournal.FileJournal` is opened there).
+    (a :class:`~zjournal.FileJournal` is opened there).  The JournaledDB
+    owns both: :meth:`close` closes them, and so does a failure to open
+    (a refusal by recovery), which leaves the journal unlocked.
 
     Options:
 
@@ -94,14 +99,24 @@ class JournaledDB:
         self._exec_tm = None
         self._exec_conn = None
         self._closed = False
-        self._install_connection_class()
-        self.recovery = recovery.recover(db, journal, batch_size=batch_size,
-                                         progress=progress)
+        if getattr(db.klass, "journaled_db", None) is not None:
+            raise RecoveryError("%r is already wrapped by a JournaledDB"
+                                % (db,))
+        try:
+            self._install_connection_class()
+            self.recovery = recovery.recover(
+                db, journal, batch_size=batch_size, progress=progress)
+        except BaseException:
+            # The caller handed both over, often without keeping a name for
+            # them: a refusal must not leave the journal's lock held.
+            self._closed = True
+            try:
+                db.close()
+            finally:
+                journal.close()
+            raise
 
     def _install_connection_class(self):
-        if getattr(self.db.klass, "journaled_db", None) is not None:
-            raise RecoveryError("%r is already wrapped by a JournaledDB"
-                                % (self.db,))
         self.db.klass = type("JournaledConnection", (JournaledConnection,),
                              {"journaled_db": self})
         # Connections pooled before now (DB() opens one to create the root)
@@ -164,12 +179,11 @@ class JournaledDB:
             conn = self.db.open(tm)
             try:
                 tm.begin()
-                try:
-                    yield conn
-                except BaseException:
-                    tm.abort()
-                    raise
+                yield conn
                 tm.commit()
+            except BaseException:
+                tm.abort()
+                raise
             finally:
                 conn.close()
 

@@ -262,7 +262,11 @@ class FileJournal:
 
     def _create(self):
         header = encode_header(uuid.uuid4().bytes, 1, _time.time())
-        self._install_segment(1, header)
+        try:
+            self._install_segment(1, header)
+        except OSError as e:
+            raise JournalWriteError("could not create journal %s: %s"
+                                    % (self.path, e)) from e
         logger.info("created journal %s", self.path)
 
     def _install_segment(self, first_seq, header):

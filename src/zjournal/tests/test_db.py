@@ -1,0 +1,331 @@
+import os
+import threading
+
+import pytest
+import transaction
+import ZODB
+from ZODB.POSException import ConflictError
+
+import zjournal
+from zjournal import JournaledDB
+from zjournal.tests import examples
+from zjournal.tests.examples import Fail
+from zjournal.tests.examples import Increment
+from zjournal.tests.examples import Put
+from zjournal.tests.examples import Stamp
+
+
+def journal_state(jdb):
+    return [(e.seq, e.command_name, e.args) for e in jdb.journal.entries()]
+
+
+def zodb_state(jdb):
+    conn = jdb.open()
+    try:
+        return examples.state(conn.root())
+    finally:
+        conn.close()
+
+
+def marker_seq(jdb):
+    conn = jdb.open()
+    try:
+        return conn.root()[zjournal.MARKER_KEY].last_seq
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def jdb(site):
+    jdb = site.open(journal_kw={"fsync": "never"})
+    yield jdb
+    jdb.close()
+
+
+class TestExecute:
+
+    def test_returns_the_result_and_journals_the_command(self, jdb):
+        assert jdb.execute(Increment("a", 5)) == 5
+        assert jdb.execute(Increment("a", 2)) == 7
+        assert journal_state(jdb) == [
+            (1, "tests.increment", {"name": "a", "by": 5}),
+            (2, "tests.increment", {"name": "a", "by": 2})]
+        assert jdb.journal.last_seq == 2 == marker_seq(jdb)
+        assert zodb_state(jdb)[1] == {"a": 7}
+
+    def test_entry_time_is_what_the_command_saw(self, jdb):
+        seq, seen_time, _, _ = jdb.execute(Stamp("k"))
+        entry, = jdb.journal.entries(seq, seq + 1)
+        assert entry.seq == seq == 1
+        assert entry.time == seen_time
+
+    def test_arguments_are_taken_before_execute(self, jdb):
+        class Mutating(zjournal.Command):
+            command_name = "tests.db.mutating"
+
+            def __init__(self):
+                self.n = 1
+
+            def execute(self, root, context):
+                self.n = 99
+
+        jdb.execute(Mutating())
+        entry, = jdb.journal.entries()
+        assert entry.args == {"n": 1}
+
+    def test_a_failing_command_leaves_nothing(self, jdb):
+        jdb.execute(Put("before", 1))
+        with pytest.raises(RuntimeError):
+            jdb.execute(Fail("failed"))
+        assert jdb.journal.last_seq == 1 == marker_seq(jdb)
+        assert zodb_state(jdb)[0] == {"before": 1}
+        assert jdb.execute(Put("after", 2)) == 2
+        assert [e.seq for e in jdb.journal.entries()] == [1, 2]
+
+    def test_threads_do_not_see_conflicts(self, jdb):
+        errors = []
+
+        def work():
+            try:
+                for _ in range(25):
+                    jdb.execute(Increment("shared"))
+            except Exception as e:  # pragma: no cover - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        assert zodb_state(jdb)[1] == {"shared": 100}
+        assert [e.seq for e in jdb.journal.entries()] == list(range(1, 101))
+
+    def test_conflicts_are_retried(self, site):
+        jdb = site.open(journal_kw={"fsync": "never"},
+                        allow_unjournaled=True)
+        jdb.execute(Increment("c"))
+        attempts = []
+
+        class Contended(zjournal.Command):
+            command_name = "tests.db.contended"
+
+            def execute(self, root, context):
+                attempts.append(context.seq)
+                root["counters"]["c"].value += 10
+                if len(attempts) == 1:
+                    # Another writer commits the same object meanwhile.
+                    tm = transaction.TransactionManager()
+                    other = jdb.db.open(tm)
+                    other.root()["counters"]["c"].value += 100
+                    tm.commit()
+                    other.close()
+
+        jdb.execute(Contended())
+        assert len(attempts) == 2
+        assert zodb_state(jdb)[1] == {"c": 111}
+        assert jdb.journal.last_seq == 2
+        jdb.close()
+
+    def test_retries_are_bounded(self, site):
+        jdb = site.open(journal_kw={"fsync": "never"}, retries=2)
+
+        class AlwaysConflicts(zjournal.Command):
+            calls = 0
+
+            def execute(self, root, context):
+                type(self).calls += 1
+                raise ConflictError("always")
+
+        with pytest.raises(ConflictError):
+            jdb.execute(AlwaysConflicts())
+        assert AlwaysConflicts.calls == 3
+        assert jdb.journal.last_seq == 0
+        jdb.close()
+
+
+class TestTransaction:
+
+    def test_several_commands_one_commit_consecutive_seqs(self, jdb):
+        jdb.execute(Put("x", 0))
+        with jdb.transaction() as conn:
+            zjournal.execute(conn, Increment("a"))
+            zjournal.execute(conn, Increment("a"))
+            zjournal.execute(conn, Put("y", 1))
+            assert jdb.journal.last_seq == 1  # nothing before the commit
+        assert [e.seq for e in jdb.journal.entries()] == [1, 2, 3, 4]
+        assert marker_seq(jdb) == 4
+        assert zodb_state(jdb) == ({"x": 0, "y": 1}, {"a": 2})
+
+    def test_an_exception_aborts_everything(self, jdb):
+        with pytest.raises(KeyError):
+            with jdb.transaction() as conn:
+                zjournal.execute(conn, Put("y", 1))
+                raise KeyError("boom")
+        assert jdb.journal.last_seq == 0
+        assert zodb_state(jdb) == ({}, {})
+
+    def test_a_caught_command_failure_dooms_the_transaction(self, jdb):
+        with pytest.raises(transaction.interfaces.DoomedTransaction):
+            with jdb.transaction() as conn:
+                zjournal.execute(conn, Put("y", 1))
+                with pytest.raises(RuntimeError):
+                    zjournal.execute(conn, Fail("half"))
+        assert jdb.journal.last_seq == 0
+        assert zodb_state(jdb) == ({}, {})
+
+    def test_savepoint_rollback_forgets_commands(self, jdb):
+        with jdb.transaction() as conn:
+            zjournal.execute(conn, Put("kept", 1))
+            sp = conn.transaction_manager.savepoint()
+            zjournal.execute(conn, Put("dropped", 2))
+            zjournal.execute(conn, Increment("dropped"))
+            sp.rollback()
+            zjournal.execute(conn, Put("later", 3))
+        assert journal_state(jdb) == [
+            (1, "tests.put", {"key": "kept", "value": 1}),
+            (2, "tests.put", {"key": "later", "value": 3})]
+        assert zodb_state(jdb) == ({"kept": 1, "later": 3}, {})
+        assert marker_seq(jdb) == 2
+
+    def test_savepoint_taken_before_the_first_command(self, jdb):
+        with jdb.transaction() as conn:
+            sp = conn.transaction_manager.savepoint()
+            zjournal.execute(conn, Put("dropped", 1))
+            sp.rollback()
+            zjournal.execute(conn, Put("kept", 2))
+        assert journal_state(jdb) == [
+            (1, "tests.put", {"key": "kept", "value": 2})]
+        assert zodb_state(jdb) == ({"kept": 2}, {})
+
+
+class TestApplicationManagedTransaction:
+
+    def test_commit_is_the_applications(self, jdb):
+        conn = jdb.open()
+        zjournal.execute(conn, Put("a", 1))
+        zjournal.execute(conn, Put("b", 2))
+        assert jdb.journal.last_seq == 0
+        transaction.commit()
+        assert jdb.journal.last_seq == 2
+        conn.close()
+        assert zodb_state(jdb) == ({"a": 1, "b": 2}, {})
+
+    def test_abort_journals_nothing(self, jdb):
+        conn = jdb.open()
+        zjournal.execute(conn, Put("a", 1))
+        transaction.abort()
+        conn.close()
+        assert jdb.journal.last_seq == 0
+        assert zodb_state(jdb) == ({}, {})
+
+    def test_plain_connection_is_refused(self, jdb):
+        db = ZODB.DB(None)
+        conn = db.open()
+        with pytest.raises(zjournal.NotJournaledConnectionError):
+            zjournal.execute(conn, Put("a", 1))
+        conn.close()
+        db.close()
+
+
+class TestUnjournaledChanges:
+
+    def test_a_change_without_command_is_refused(self, jdb, site):
+        conn = jdb.open()
+        conn.root()["sneaky"] = 1
+        with pytest.raises(zjournal.UnjournaledChangeError) as e:
+            transaction.commit()
+        assert "PersistentMapping" in str(e.value)
+        transaction.abort()
+        conn.close()
+        assert jdb.journal.last_seq == 0
+        conn = jdb.open()
+        assert "sneaky" not in conn.root()
+        conn.close()
+
+    def test_a_change_beside_a_command_is_refused(self, jdb):
+        jdb.execute(Put("a", 1))
+        with pytest.raises(zjournal.UnjournaledChangeError):
+            with jdb.transaction() as conn:
+                zjournal.execute(conn, Put("b", 2))
+                # The root was not changed by the command: its first
+                # change in this transaction happens outside any command.
+                conn.root()["elsewhere"] = 3
+        assert jdb.journal.last_seq == 1
+        assert zodb_state(jdb) == ({"a": 1}, {})
+
+    def test_connections_opened_on_the_raw_db_are_guarded_too(self, jdb):
+        tm = transaction.TransactionManager()
+        conn = jdb.db.open(tm)
+        conn.root()["sneaky"] = 1
+        with pytest.raises(zjournal.UnjournaledChangeError):
+            tm.commit()
+        tm.abort()
+        conn.close()
+
+    def test_opt_out(self, site):
+        jdb = site.open(journal_kw={"fsync": "never"},
+                        allow_unjournaled=True)
+        conn = jdb.open()
+        conn.root()["cache"] = 1
+        transaction.commit()
+        conn.close()
+        assert jdb.journal.last_seq == 0
+        jdb.close()
+
+    def test_rolled_back_unjournaled_change_is_forgotten(self, jdb):
+        jdb.execute(Put("a", 1))
+        with jdb.transaction() as conn:
+            sp = conn.transaction_manager.savepoint()
+            conn.root()["table"]["b"] = 2
+            sp.rollback()
+            zjournal.execute(conn, Put("c", 3))
+        assert zodb_state(jdb) == ({"a": 1, "c": 3}, {})
+
+
+class TestLifecycle:
+
+    def test_close_releases_the_lock(self, site):
+        jdb = site.open()
+        jdb.execute(Put("a", 1))
+        jdb.close()
+        jdb.close()  # idempotent
+        jdb = site.open()
+        assert jdb.recovery.action == "current"
+        assert zodb_state(jdb) == ({"a": 1}, {})
+        jdb.close()
+
+    def test_journal_may_be_given_as_a_path(self, site):
+        with JournaledDB(site.db(), site.journal_dir) as jdb:
+            jdb.execute(Put("a", 1))
+            assert isinstance(jdb.journal, zjournal.FileJournal)
+        assert os.path.isdir(site.journal_dir)
+
+    def test_a_db_is_wrapped_once(self, site, jdb):
+        with pytest.raises(zjournal.RecoveryError):
+            JournaledDB(jdb.db, jdb.journal)
+        # The refusal did not take the first wrapper's db or journal away.
+        assert jdb.execute(Put("a", 1)) == 1
+
+    def test_a_refused_open_releases_the_journal(self, site, tmp_path):
+        jdb = site.open()
+        jdb.execute(Put("a", 1))
+        jdb.close()
+        other = str(tmp_path / "other")
+        with pytest.raises(zjournal.WrongJournalError):
+            JournaledDB(site.db(), zjournal.FileJournal(other))
+        zjournal.FileJournal(other).close()  # not locked any more
+        site.open().close()  # neither is the Data.fs
+
+    def test_closed_db_refuses_work(self, site):
+        jdb = site.open()
+        jdb.close()
+        with pytest.raises(zjournal.RecoveryError):
+            jdb.execute(Put("a", 1))
+
+    def test_interfaces(self, jdb):
+        from zope.interface.verify import verifyObject
+        from zjournal.interfaces import IJournal
+        from zjournal.interfaces import IJournaledDB
+        assert verifyObject(IJournaledDB, jdb)
+        assert verifyObject(IJournal, jdb.journal)

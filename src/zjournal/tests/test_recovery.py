@@ -1,0 +1,246 @@
+import hashlib
+import os
+import shutil
+
+import pytest
+import transaction
+import ZODB
+
+import zjournal
+from zjournal import commands
+from zjournal import recovery
+from zjournal.tests import examples
+from zjournal.tests.examples import FailOnReplay
+from zjournal.tests.examples import Increment
+from zjournal.tests.examples import Put
+from zjournal.tests.examples import Stamp
+
+
+def digest(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def read(jdb):
+    conn = jdb.open()
+    try:
+        root = conn.root()
+        return examples.state(root), root[zjournal.MARKER_KEY].last_seq
+    finally:
+        conn.close()
+
+
+def append(journal, *cmds):
+    """Journal commands behind the ZODB's back."""
+    items = []
+    for cmd in cmds:
+        name, version, payload = commands.encode(cmd)
+        items.append((journal.last_seq + 1 + len(items), 1000.0 + len(items),
+                      version, name, payload))
+    journal.append(items)
+
+
+def workload(jdb, n=30):
+    for i in range(n):
+        jdb.execute(Increment("n"))
+        jdb.execute(Stamp("s%d" % (i % 5)))
+    with jdb.transaction() as conn:
+        zjournal.execute(conn, Put("multi", 1))
+        zjournal.execute(conn, Increment("n", 10))
+
+
+class TestRecover:
+
+    def test_initialize(self, site):
+        jdb = site.open()
+        assert jdb.recovery.action == "initialized"
+        assert read(jdb) == (({}, {}), 0)
+        conn = jdb.open()
+        assert conn.root()[zjournal.MARKER_KEY].journal_id == \
+            jdb.journal.identity
+        conn.close()
+        jdb.close()
+
+    def test_rebuild_reproduces_non_idempotent_state(self, site):
+        jdb = site.open(batch_size=7)
+        workload(jdb)
+        before = read(jdb)
+        jdb.close()
+        site.remove_zodb()
+        progress = []
+        jdb = site.open(batch_size=7,
+                        progress=lambda done, total: progress.append(
+                            (done, total)))
+        assert jdb.recovery.action == "rebuilt"
+        assert jdb.recovery.replayed == 62
+        assert read(jdb) == before
+        assert before[0][1] == {"n": 40}
+        assert progress[-1] == (62, 62)
+        assert [d for d, _ in progress[:3]] == [7, 14, 21]
+        jdb.close()
+
+    def test_catch_up(self, site):
+        jdb = site.open()
+        jdb.execute(Increment("n"))
+        jdb.close()
+        journal = site.journal()
+        append(journal, Increment("n"), Put("late", 1))
+        journal.close()
+        jdb = site.open()
+        assert jdb.recovery.action == "caught up"
+        assert (jdb.recovery.marker_seq, jdb.recovery.replayed) == (1, 2)
+        assert read(jdb) == (({"late": 1}, {"n": 2}), 3)
+        jdb.close()
+
+    def test_current_does_not_read_the_journal(self, site, monkeypatch):
+        jdb = site.open()
+        workload(jdb, 3)
+        jdb.close()
+
+        def refuse(*args, **kw):
+            raise AssertionError("the journal was read")
+
+        monkeypatch.setattr(zjournal.FileJournal, "entries", refuse)
+        jdb = site.open()
+        assert jdb.recovery.action == "current"
+        jdb.close()
+
+    def test_zodb_ahead_is_refused_and_nothing_changes(self, site, tmp_path):
+        jdb = site.open()
+        jdb.execute(Put("a", 1))
+        jdb.close()
+        old_journal = str(tmp_path / "old-journal")
+        shutil.copytree(site.journal_dir, old_journal)
+        os.remove(os.path.join(old_journal, "journal.lock"))
+        jdb = site.open()
+        jdb.execute(Put("b", 2))
+        jdb.execute(Put("c", 3))
+        jdb.close()
+        before = digest(site.data_fs)
+        with pytest.raises(zjournal.ZODBAheadError) as e:
+            zjournal.JournaledDB(site.db(), zjournal.FileJournal(old_journal))
+        message = str(e.value)
+        assert "up to seq 3" in message and "ends at seq 1" in message
+        assert digest(site.data_fs) == before
+
+    def test_another_journal_is_refused(self, site, tmp_path):
+        jdb = site.open()
+        jdb.execute(Put("a", 1))
+        jdb.close()
+        before = digest(site.data_fs)
+        other = zjournal.FileJournal(str(tmp_path / "other"))
+        with pytest.raises(zjournal.WrongJournalError) as e:
+            zjournal.JournaledDB(site.db(), other)
+        assert other.identity in str(e.value)
+        assert digest(site.data_fs) == before
+
+    def test_data_without_marker_is_refused(self, site):
+        db = site.db()
+        conn = db.open()
+        conn.root()["legacy"] = 1
+        transaction.commit()
+        conn.close()
+        db.close()
+        before = digest(site.data_fs)
+        with pytest.raises(zjournal.NotJournaledError) as e:
+            site.open()
+        assert "legacy" in str(e.value)
+        assert digest(site.data_fs) == before
+
+    def test_divergence_names_the_entry_and_keeps_progress(self, site):
+        jdb = site.open()
+        jdb.execute(Put("a", 1))
+        jdb.execute(FailOnReplay())
+        jdb.execute(Put("b", 2))
+        jdb.close()
+        site.remove_zodb()
+        for _ in range(2):  # rerunning fails the same way, from the same place
+            with pytest.raises(zjournal.ReplayError) as e:
+                site.open(batch_size=1)
+            assert e.value.seq == 2
+            assert e.value.command_name == "tests.fail-on-replay"
+            assert isinstance(e.value.__cause__, RuntimeError)
+            db = site.db()
+            conn = db.open()
+            assert conn.root()[zjournal.MARKER_KEY].last_seq == 1
+            assert examples.state(conn.root())[0] == {"a": 1}
+            conn.close()
+            db.close()
+
+    def test_unknown_command_is_a_gap_in_the_code(self, site):
+        jdb = site.open()
+        journal = jdb.journal
+        journal.append([(1, 0.0, 1, "tests.vanished", b"\x80\x04}\x94.")])
+        jdb.close()
+        site.remove_zodb()
+        with pytest.raises(zjournal.ReplayError) as e:
+            site.open()
+        assert e.value.seq == 1 and e.value.command_name == "tests.vanished"
+        assert isinstance(e.value.__cause__, zjournal.UnknownCommandError)
+        db = site.db()
+        conn = db.open()
+        assert len(conn.root()) == 0  # the failed rebuild left nothing
+        conn.close()
+        db.close()
+
+
+class TestRebuild:
+
+    def _journal(self, site):
+        jdb = site.open()
+        workload(jdb, 10)
+        state = read(jdb)
+        jdb.close()
+        return state
+
+    def test_into_an_empty_db_then_open_is_current(self, site):
+        before = self._journal(site)
+        site.remove_zodb()
+        db = site.db()
+        journal = site.journal(readonly=True)
+        result = recovery.rebuild(db, journal, batch_size=4)
+        assert result.replayed == 22
+        db.close()
+        journal.close()
+        jdb = site.open()
+        assert jdb.recovery.action == "current"
+        assert read(jdb) == before
+        jdb.close()
+
+    def test_until_seq_then_open_catches_up(self, site):
+        before = self._journal(site)
+        site.remove_zodb()
+        db = site.db()
+        journal = site.journal(readonly=True)
+        recovery.rebuild(db, journal, until_seq=5)
+        conn = db.open()
+        assert conn.root()[zjournal.MARKER_KEY].last_seq == 5
+        assert examples.state(conn.root())[1] == {"n": 3}
+        conn.close()
+        db.close()
+        journal.close()
+        jdb = site.open()
+        assert jdb.recovery.action == "caught up"
+        assert read(jdb) == before
+        jdb.close()
+
+    def test_until_time(self, site):
+        self._journal(site)
+        journal = site.journal(readonly=True)
+        cut = list(journal.entries(4, 5))[0].time
+        db = ZODB.DB(None)
+        recovery.rebuild(db, journal, until_time=cut)
+        conn = db.open()
+        assert conn.root()[zjournal.MARKER_KEY].last_seq == 4
+        conn.close()
+        db.close()
+        journal.close()
+
+    def test_refuses_a_non_empty_target(self, site):
+        self._journal(site)
+        journal = site.journal(readonly=True)
+        db = site.db()
+        with pytest.raises(zjournal.NotJournaledError):
+            recovery.rebuild(db, journal)
+        db.close()
+        journal.close()
