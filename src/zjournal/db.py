@@ -113,7 +113,7 @@ class JournaledDB:
             try:
                 db.close()
             finally:
-                journal.close()
+                getattr(journal, "discard_if_new", journal.close)()
             raise
 
     def _install_connection_class(self):

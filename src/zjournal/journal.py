@@ -213,6 +213,7 @@ class FileJournal:
         self.segment_size = segment_size
         self._io = io if io is not None else FileIO()
         self._lock = None
+        self._made_dir = self._made_segment = False
         self._fd = None
         self._failed = None
         self._closed = False
@@ -232,6 +233,7 @@ class FileJournal:
                 raise JournalError("no journal at %s (no such directory)"
                                    % self.path)
         else:
+            self._made_dir = not os.path.isdir(self.path)
             os.makedirs(self.path, exist_ok=True)
             self._lock = _take_lock(self.path)
         self._segments = self._list_segments()
@@ -264,6 +266,7 @@ class FileJournal:
         header = encode_header(uuid.uuid4().bytes, 1, _time.time())
         try:
             self._install_segment(1, header)
+            self._made_segment = True
         except OSError as e:
             raise JournalWriteError("could not create journal %s: %s"
                                     % (self.path, e)) from e
@@ -590,6 +593,29 @@ class FileJournal:
         if self._lock is not None:
             lock, self._lock = self._lock, None
             lock.close()
+
+    def discard_if_new(self):
+        """Close; remove the journal if this very open created it empty.
+
+        A refusal must change nothing on disk: when an application is
+        pointed at the wrong journal path, the empty journal that opening
+        created there is taken away again.
+        """
+        with self._append_lock:
+            self._closed = True
+            self._release()
+            if not self._made_segment or self.last_seq != 0:
+                return
+            for name in (segment_name(1), LOCK_NAME):
+                try:
+                    os.remove(os.path.join(self.path, name))
+                except FileNotFoundError:
+                    pass
+            if self._made_dir:
+                try:
+                    os.rmdir(self.path)
+                except OSError:
+                    pass
 
     @property
     def closed(self):

@@ -312,10 +312,21 @@ class TestLifecycle:
         jdb.execute(Put("a", 1))
         jdb.close()
         other = str(tmp_path / "other")
+        zjournal.FileJournal(other).close()
         with pytest.raises(zjournal.WrongJournalError):
             JournaledDB(site.db(), zjournal.FileJournal(other))
         zjournal.FileJournal(other).close()  # not locked any more
         site.open().close()  # neither is the Data.fs
+
+    def test_a_refusal_takes_back_the_journal_it_created(self, site,
+                                                         tmp_path):
+        jdb = site.open()
+        jdb.execute(Put("a", 1))
+        jdb.close()
+        typo = str(tmp_path / "jornal")
+        with pytest.raises(zjournal.WrongJournalError):
+            JournaledDB(site.db(), zjournal.FileJournal(typo))
+        assert not os.path.exists(typo)
 
     def test_closed_db_refuses_work(self, site):
         jdb = site.open()
