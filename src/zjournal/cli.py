@@ -184,38 +184,6 @@ def jsonable(value):
     return str(value)
 
 
-class Progress:
-    """Progress of a long replay: a status line on a terminal, else logs."""
-
-    def __init__(self, label, stream=None, interval=None):
-        self.label = label
-        self.stream = stream if stream is not None else sys.stderr
-        self.tty = self.stream.isatty()
-        self.interval = interval if interval is not None else (
-            0.2 if self.tty else 5.0)
-        self.began = time.perf_counter()
-        self.shown = 0.0
-
-    def __call__(self, done, total):
-        now = time.perf_counter()
-        if now - self.shown < self.interval and done != total:
-            return
-        self.shown = now
-        rate = done / max(now - self.began, 1e-9)
-        text = "%s: %s/%s commands (%.0f/s)" % (
-            self.label, format(done, ","), format(total or 0, ","), rate)
-        if self.tty:
-            self.stream.write("\r" + text)
-            self.stream.flush()
-        else:
-            logger.info(text)
-
-    def close(self):
-        if self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
 # -- subcommands ---------------------------------------------------------
 
 def cmd_info(args):
@@ -303,13 +271,14 @@ def cmd_dump(args):
 
 def cmd_rebuild(args):
     from zjournal import recovery
+    from zjournal.recovery import Progress
     until_seq, until_time = parse_until(args.until)
     import_modules(args.imports)
     if args.batch_size < 1:
         raise CLIError("--batch-size must be at least 1")
     with open_journal(args.journal) as journal:
         db, created = open_target(args.zodb)
-        progress = Progress("rebuild")
+        progress = Progress("rebuild", tty=sys.stderr.isatty())
         ok = False
         try:
             result = recovery.rebuild(

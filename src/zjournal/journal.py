@@ -40,6 +40,7 @@ from zjournal import commands
 from zjournal import faults
 from zjournal import codec
 from zjournal.errors import CorruptJournalError
+from zjournal.errors import DecodeError
 from zjournal.errors import JournalError
 from zjournal.errors import JournalFailedError
 from zjournal.errors import JournalLockedError
@@ -151,8 +152,8 @@ class Entry(Record):
         """The command's arguments, decoded without the command's code."""
         try:
             return codec.loads(self.payload)
-        except Exception as e:
-            raise type(e)(str(e), self.seq, self.name) from e
+        except DecodeError as e:
+            raise DecodeError(str(e), self.seq, self.name) from e
 
     @property
     def command(self):

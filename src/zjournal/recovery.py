@@ -22,6 +22,7 @@ resumes from.
 import contextlib
 import itertools
 import logging
+import sys
 import time
 
 import transaction
@@ -53,6 +54,43 @@ class Recovery:
     def __repr__(self):
         return "<Recovery %s marker=%s journal=%d replayed=%d>" % (
             self.action, self.marker_seq, self.journal_seq, self.replayed)
+
+
+class Progress:
+    """Reports a long replay: a status line on a terminal, else log lines.
+
+    Called as ``progress(done, total)``; throttled, so calling it after
+    every batch costs nothing.
+    """
+
+    def __init__(self, label="replay", tty=False, stream=None,
+                 interval=None):
+        self.label = label
+        self.tty = tty
+        self.stream = stream if stream is not None else sys.stderr
+        self.interval = interval if interval is not None else (
+            0.2 if tty else 5.0)
+        self.began = time.perf_counter()
+        self.shown = self.began
+
+    def __call__(self, done, total):
+        now = time.perf_counter()
+        if now - self.shown < self.interval and done != total:
+            return
+        self.shown = now
+        text = "%s: %s/%s commands (%.0f/s)" % (
+            self.label, format(done, ","), format(total or 0, ","),
+            done / max(now - self.began, 1e-9))
+        if self.tty:
+            self.stream.write("\r" + text)
+            self.stream.flush()
+        else:
+            logger.info(text)
+
+    def close(self):
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
 
 
 @contextlib.contextmanager
@@ -171,6 +209,8 @@ def replay(tm, conn, entries, batch_size=1000, progress=None, total=None):
     also advances the marker; the last partial batch is committed too.
     Returns the number of commands replayed.
     """
+    if progress is None:
+        progress = Progress()
     root = conn.root()
     marker = root[MARKER_KEY]
     n = 0
@@ -196,13 +236,11 @@ def replay(tm, conn, entries, batch_size=1000, progress=None, total=None):
                 faults.point("replay.after-commit")
                 conn.cacheGC()
                 in_batch = 0
-                if progress is not None:
-                    progress(n, total)
+                progress(n, total)
         if in_batch:
             marker.last_seq = seq
             tm.commit()
-            if progress is not None:
-                progress(n, total)
+            progress(n, total)
     except BaseException:
         tm.abort()
         raise
