@@ -154,7 +154,7 @@ def iso(t):
 
 
 def parse_until(text):
-    """Return ``(seq, None)`` or ``(None, epoch_seconds)``."""
+    """Return ``(seq, None)`` or ``(None, aware_datetime)``."""
     if text is None:
         return None, None
     if text.isdigit():
@@ -166,7 +166,7 @@ def parse_until(text):
                        " not %r" % text) from None
     if when.tzinfo is None:
         when = when.replace(tzinfo=datetime.timezone.utc)
-    return None, when.timestamp()
+    return None, when
 
 
 def jsonable(value):
@@ -310,8 +310,11 @@ def open_target(spec):
         except ImportError:
             raise CLIError("--zodb URIs need zodburi: pip install"
                            " 'zjournal[uri]'") from None
-        factory, dbkw = zodburi.resolve_uri(spec)
-        storage = factory()
+        try:
+            factory, dbkw = zodburi.resolve_uri(spec)
+            storage = factory()
+        except (KeyError, ValueError) as e:
+            raise CLIError("cannot open --zodb %s: %s" % (spec, e)) from e
         if storage.lastTransaction() != b"\0" * 8:
             storage.close()
             raise CLIError("%s is not empty; rebuild into a new, empty"

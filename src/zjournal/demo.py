@@ -10,6 +10,7 @@ read only the ZODB, their arguments and the context.
 """
 import os
 import shutil
+import sys
 import tempfile
 import time
 import random
@@ -162,14 +163,15 @@ def run(directory=None, commands=3000, out=print):
     from zjournal.journal import FileJournal
 
     if commands < 2:
-        out("zodb-journal demo: --commands must be at least 2")
+        print("zodb-journal demo: --commands must be at least 2",
+              file=sys.stderr)
         return 2
     temporary = directory is None
     if temporary:
         directory = tempfile.mkdtemp(prefix="zjournal-demo-")
     elif os.path.exists(os.path.join(directory, "journal")):
-        out("zodb-journal demo: %s already holds a demo; remove it or pick"
-            " another --dir" % directory)
+        print("zodb-journal demo: %s already holds a demo; remove it or pick"
+              " another --dir" % directory, file=sys.stderr)
         return 1
     os.makedirs(directory, exist_ok=True)
     data_fs = os.path.join(directory, "Data.fs")

@@ -66,7 +66,7 @@ from zjournal.errors import UnsupportedFormatError
 FORMAT_VERSION = 1
 
 SEGMENT_SUFFIX = ".zjl"
-SEGMENT_NAME_RE = re.compile(r"^(\d{20})\.zjl$")
+SEGMENT_NAME_RE = re.compile(r"(\d{20})\.zjl", re.ASCII)
 TORN_SUFFIX = ".torn-"
 LOCK_NAME = "journal.lock"
 
@@ -109,7 +109,7 @@ def segment_name(first_seq):
 
 def parse_segment_name(name):
     """Return the first sequence number a segment name stands for, or None."""
-    m = SEGMENT_NAME_RE.match(name)
+    m = SEGMENT_NAME_RE.fullmatch(name)
     return int(m.group(1)) if m else None
 
 

@@ -498,13 +498,29 @@ class FileJournal:
         if start >= stop:
             return
         segs = self._list_segments() if self.readonly else list(self._segments)
+        if start < segs[0]:
+            raise CorruptJournalError(
+                self._segment_path(segs[0]), 0, start,
+                "the journal starts at seq %d: seq %d..%d are missing"
+                % (segs[0], start, segs[0] - 1))
         i = max(bisect.bisect_right(segs, start) - 1, 0)
+        expected = segs[i]
         for j in range(i, len(segs)):
-            for entry in self._read_segment(segs[j], start, stop,
-                                            j == len(segs) - 1):
+            _check_continuity(self._segment_path(segs[j]), segs[j], expected)
+            reader = self._read_segment(segs[j], start, stop,
+                                        j == len(segs) - 1)
+            while True:
+                try:
+                    entry = next(reader)
+                except StopIteration as end:
+                    expected = end.value
+                    break
                 yield entry
                 if entry.seq + 1 >= stop:
+                    reader.close()
                     return
+            if expected is None:  # stopped before the segment's end
+                return
 
     def _read_segment(self, first_seq, start, stop, is_last, report=None):
         path = self._segment_path(first_seq)
@@ -519,8 +535,8 @@ class FileJournal:
                     path, 0, first_seq, "segment belongs to journal %s, not %s"
                     % (uuid.UUID(bytes=header.identity), self.identity))
             f.seek(header.size)
-            yield from _scan(f, path, header.size, first_seq, start, stop,
-                             is_last and self.readonly, report)
+            return (yield from _scan(f, path, header.size, first_seq, start,
+                                     stop, is_last and self.readonly, report))
 
     def verify(self):
         """Read and check every record; return a :class:`ScanReport`.
@@ -532,14 +548,10 @@ class FileJournal:
         began = _time.perf_counter()
         segs = self._list_segments() if self.readonly else list(self._segments)
         stop = float("inf") if self.readonly else self.last_seq + 1
-        expected = segs[0]
+        expected = 1
         for j, first_seq in enumerate(segs):
             path = self._segment_path(first_seq)
-            if first_seq != expected:
-                raise CorruptJournalError(
-                    path, 0, expected, "segment starts at seq %d, but the"
-                    " previous segment ends at seq %d"
-                    % (first_seq, expected - 1))
+            _check_continuity(path, first_seq, expected)
             report.segments += 1
             report.bytes += os.path.getsize(path)
             for entry in self._read_segment(first_seq, 1, stop,
@@ -634,9 +646,20 @@ class FileJournal:
             " readonly" if self.readonly else "")
 
 
+def _check_continuity(path, first_seq, expected):
+    if first_seq != expected:
+        what = ("the journal must start at seq 1" if expected == 1 else
+                "the previous segment ends at seq %d" % (expected - 1))
+        raise CorruptJournalError(
+            path, 0, expected, "segment starts at seq %d, but %s: records"
+            " are missing" % (first_seq, what))
+
+
 def _scan(f, path, base, expected, start, stop, lenient_tail, report):
     """Yield validated entries of one open segment, read in chunks.
 
+    Returns the sequence number the next segment must start with, or None
+    when it stopped before the end of the segment.
     ``lenient_tail``: for a reader of the last segment, stop quietly at an
     incomplete tail (a writer may be in the middle of a write) unless a
     valid record follows it.
@@ -672,27 +695,30 @@ def _scan(f, path, base, expected, start, stop, lenient_tail, report):
                 eof = True
             _bad_tail(f, path, buf, pos, offset, expected, e, lenient_tail,
                       report, held)
-            return
+            return None
         entry = decode_record(buf, pos, names, Entry, offset)
         pos += size
         expected += 1
-        if entry.seq >= stop:
-            return
-        if entry.flags & FLAG_END:
-            if held:
-                for h in held:
-                    if h.seq >= start:
-                        yield h
-                del held[:]
-            if entry.seq >= start:
-                yield entry
-        else:
+        if not entry.flags & FLAG_END:
             held.append(entry)
+            continue
+        if held:
+            # A transaction is yielded only once it is known complete.
+            held.append(entry)
+            for h in held:
+                if start <= h.seq < stop:
+                    yield h
+            del held[:]
+        elif start <= entry.seq:
+            yield entry
+        if entry.seq + 1 >= stop:
+            return None
     if held:
         # The segment ends inside a transaction.
         _bad_tail(f, path, buf, pos, offset, expected,
                   BadRecord("transaction without its last record", True),
                   lenient_tail, report, held)
+    return expected
 
 
 def _bad_tail(f, path, buf, pos, offset, expected, err, lenient_tail,

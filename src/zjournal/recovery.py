@@ -20,6 +20,7 @@ command that fails) leaves a consistent ZODB that the next recovery
 resumes from.
 """
 import contextlib
+import datetime
 import itertools
 import logging
 import sys
@@ -156,7 +157,7 @@ def rebuild(db, journal, until_seq=None, until_time=None, batch_size=1000,
     """Replay ``journal`` into the empty ZODB ``db``; return a Recovery.
 
     ``until_seq`` (inclusive) or ``until_time`` (seconds since the epoch,
-    inclusive) stop the replay early: the result is the state right after
+    or an aware ``datetime``, inclusive) stop the replay early: the result is the state right after
     that command, with a marker saying so.  ``journal`` may be read-only.
     """
     began = time.perf_counter()
@@ -171,7 +172,14 @@ def rebuild(db, journal, until_seq=None, until_time=None, batch_size=1000,
                 % ", ".join(sorted(map(str, root))[:5]))
         root[MARKER_KEY] = Marker(journal.identity, 0)
         entries = journal.entries(1, last + 1)
-        if until_time is not None:
+        if isinstance(until_time, datetime.datetime):
+            # Compare at the precision a person saw the time with (dump
+            # prints microseconds), not the float's last bits.
+            entries = itertools.takewhile(
+                lambda entry: datetime.datetime.fromtimestamp(
+                    entry.time, datetime.timezone.utc) <= until_time,
+                entries)
+        elif until_time is not None:
             entries = itertools.takewhile(
                 lambda entry: entry.time <= until_time, entries)
         n = replay(tm, conn, entries, batch_size=batch_size,
@@ -218,6 +226,9 @@ def replay(tm, conn, entries, batch_size=1000, progress=None, total=None):
     seq = marker.last_seq
     try:
         for entry in entries:
+            if entry.seq != seq + 1:
+                raise ReplayError(entry.seq, entry.command_name, ValueError(
+                    "expected seq %d: the journal has a gap" % (seq + 1)))
             seq = entry.seq
             try:
                 command = entry.command
