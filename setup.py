@@ -42,6 +42,7 @@ setup(
             "pytest",
             "hypothesis",
             "zodburi",
+            "Sphinx",  # test_docs builds the docs with -W
         ],
         "docs": ["Sphinx"],
     },

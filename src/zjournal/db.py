@@ -238,6 +238,11 @@ class JournaledDB:
         return dm
 
     def _run(self, conn, command):
+        if self._needs_catch_up:
+            # A ZODB commit failed after its journal vote.  Catching up
+            # commits the marker, so this transaction's stale marker will
+            # conflict and the application's retry sees the caught-up state.
+            self.catch_up()
         name, version, payload = commands.encode(command)
         dm = self._data_manager(conn)
         if dm.connection is None:

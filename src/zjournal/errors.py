@@ -38,8 +38,8 @@ class CorruptJournalError(JournalError):
     """The journal holds damaged bytes that are not a torn tail.
 
     Nothing is truncated when this is raised: the bytes after the damage
-    may be acknowledged commands.  ``zodb-journal verify`` shows every
-    damaged place.
+    may be acknowledged commands.  ``zodb-journal verify`` reports the
+    first damaged place.
     """
 
     def __init__(self, path, offset, seq, reason):
@@ -52,8 +52,8 @@ class CorruptJournalError(JournalError):
             where += " (expected seq %d)" % seq
         super().__init__(
             "corrupt journal: %s: %s; the journal was not modified."
-            " Run 'zodb-journal verify %s' to see the damage"
-            % (where, reason, _journal_dir(path)))
+            " Restore the damaged segment from a backup: records after the"
+            " damage may be acknowledged commands" % (where, reason))
 
 
 class UnsupportedFormatError(JournalError):
@@ -195,7 +195,3 @@ class UnjournaledChangeError(ZJournalError):
 class NotJournaledConnectionError(ZJournalError):
     """A connection that does not belong to a JournaledDB was used."""
 
-
-def _journal_dir(path):
-    import os
-    return os.path.dirname(path) or path

@@ -27,7 +27,7 @@ Segment header, 48 bytes::
     36     8     creation time (IEEE 754 double, seconds since the epoch)
     44     4     CRC-32 of bytes 0 .. 43
 
-Record, 42 bytes plus the command name and the payload::
+Record, 34 bytes of framing around the command name and the payload::
 
     offset size  field
     0      4     CRC-32 of bytes 4 .. 8+n (length and body): one contiguous

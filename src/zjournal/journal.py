@@ -139,7 +139,7 @@ class FileIO:
 
 @implementer(IEntry)
 class Entry(Record):
-    """A journal entry, as :meth:`FileJournal.entries` yields it."""
+    """A journal entry, as :meth:`~zjournal.journal.FileJournal.entries` yields it."""
 
     __slots__ = ()
 
@@ -179,7 +179,7 @@ class TornTail:
 
 
 class ScanReport:
-    """The result of :meth:`FileJournal.verify`."""
+    """The result of :meth:`~zjournal.journal.FileJournal.verify`."""
 
     def __init__(self):
         self.segments = 0
@@ -399,7 +399,10 @@ class FileJournal:
         return str(uuid.UUID(bytes=self.identity_bytes))
 
     def append(self, items):
-        """Durably append one transaction's records; see :class:`IJournal`."""
+        """Durably append one transaction's records.
+
+        See :class:`~zjournal.interfaces.IJournal`.
+        """
         if self.readonly:
             raise ReadOnlyJournalError("journal %s is open read-only"
                                        % self.path)
@@ -539,7 +542,7 @@ class FileJournal:
                                      stop, is_last and self.readonly, report))
 
     def verify(self):
-        """Read and check every record; return a :class:`ScanReport`.
+        """Read and check every record; return a :class:`~zjournal.journal.ScanReport`.
 
         Raises :class:`~zjournal.errors.CorruptJournalError` at the first
         damage.  A torn tail is reported in ``report.torn_tail``.

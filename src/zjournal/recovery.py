@@ -156,8 +156,8 @@ def rebuild(db, journal, until_seq=None, until_time=None, batch_size=1000,
             progress=None):
     """Replay ``journal`` into the empty ZODB ``db``; return a Recovery.
 
-    ``until_seq`` (inclusive) or ``until_time`` (seconds since the epoch,
-    or an aware ``datetime``, inclusive) stop the replay early: the result is the state right after
+    ``until_seq`` (inclusive) or ``until_time`` (seconds since the
+    epoch, or an aware ``datetime``; inclusive) stop the replay early: the result is the state right after
     that command, with a marker saying so.  ``journal`` may be read-only.
     """
     began = time.perf_counter()

@@ -176,3 +176,20 @@ class TestPeers:
         assert jdb._needs_catch_up
         jdb.execute(Put("next", 3))
         assert zodb_state(jdb) == (({"direct": 1, "next": 3}, {}), 2)
+
+    def test_application_transactions_catch_up_too(self, jdb):
+        peer = Resource("!peer", fail_in="tpc_finish")
+        conn = jdb.open()
+        zjournal.execute(conn, Put("a", 1))
+        transaction.get().join(peer)
+        with pytest.raises(RuntimeError):
+            transaction.commit()
+        transaction.abort()
+        assert zodb_state(jdb) == (({}, {}), 0)
+        # The next application transaction catches up first; its own
+        # commit then conflicts on the marker, and its retry succeeds.
+        for attempt in transaction.manager.attempts(3):
+            with attempt:
+                zjournal.execute(conn, Put("b", 2))
+        conn.close()
+        assert zodb_state(jdb) == (({"a": 1, "b": 2}, {}), 2)
