@@ -21,6 +21,7 @@ from zjournal import codec
 from zjournal.errors import CommandNameConflictError
 from zjournal.errors import DecodeError
 from zjournal.errors import UnknownCommandError
+from zjournal.format import MAX_NAME_SIZE
 from zjournal.interfaces import ICommand
 from zjournal.interfaces import IContext
 
@@ -50,10 +51,12 @@ class Command:
         super().__init_subclass__(**kw)
         if "command_name" not in cls.__dict__ or cls.command_name is None:
             cls.command_name = "%s.%s" % (cls.__module__, cls.__qualname__)
-        if not isinstance(cls.command_name, str) or not cls.command_name:
+        if (not isinstance(cls.command_name, str) or not cls.command_name
+                or len(cls.command_name.encode("utf-8")) > MAX_NAME_SIZE):
             raise CommandNameConflictError(
-                "%s.command_name must be a non-empty string, not %r"
-                % (cls.__qualname__, cls.command_name))
+                "%s.command_name must be a non-empty string of at most %d"
+                " bytes, not %r"
+                % (cls.__qualname__, MAX_NAME_SIZE, cls.command_name))
         if not 0 < cls.command_version < 1 << 16:
             raise ValueError("%s.command_version must be in 1..65535"
                              % cls.__qualname__)

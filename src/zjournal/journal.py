@@ -41,6 +41,7 @@ from zjournal import faults
 from zjournal import codec
 from zjournal.errors import CorruptJournalError
 from zjournal.errors import DecodeError
+from zjournal.errors import EncodeError
 from zjournal.errors import JournalError
 from zjournal.errors import JournalFailedError
 from zjournal.errors import JournalLockedError
@@ -48,6 +49,9 @@ from zjournal.errors import JournalSequenceError
 from zjournal.errors import JournalWriteError
 from zjournal.errors import OutcomeUnknownError
 from zjournal.errors import ReadOnlyJournalError
+from zjournal.format import BODY_HEAD_SIZE
+from zjournal.format import MAX_BODY_SIZE
+from zjournal.format import MAX_NAME_SIZE
 from zjournal.format import RECORD_HEAD
 from zjournal.format import RECORD_HEAD_SIZE
 from zjournal.format import SEGMENT_HEADER_SIZE
@@ -325,7 +329,10 @@ class FileJournal:
             f.seek(start)
             data = f.read(size - start)
         try:
-            check_record(data, 0)
+            # The record must span exactly to the end of the file: a torn
+            # length field can point back to an earlier record boundary.
+            if check_record(data, 0) != len(data):
+                return None
         except BadRecord:
             return None
         _, _, seq, _, flags, _, _, _ = RECORD_HEAD.unpack_from(data)
@@ -377,9 +384,10 @@ class FileJournal:
 
     def _cut(self, torn, data):
         """Keep the torn bytes aside, then truncate them away."""
-        torn.saved_as = "%s%s%d" % (torn.path, TORN_SUFFIX, torn.offset)
-        self._io.create(torn.saved_as, data)
-        self._io.sync_dir(self.path)
+        torn.saved_as = _aside_name(torn.path, torn.offset, data)
+        if not os.path.exists(torn.saved_as):
+            self._io.create(torn.saved_as, data)
+            self._io.sync_dir(self.path)
         faults.point("repair.after-save")
         fd = self._io.open_append(torn.path)
         try:
@@ -416,10 +424,17 @@ class FileJournal:
                 raise JournalSequenceError(
                     "journal %s ends at seq %d, cannot append seq %d"
                     % (self.path, self.last_seq, first))
-            data = encode_transaction([
-                (seq, t, version, name.encode("utf-8"), payload)
-                for seq, t, version, name, payload in items])
-            if self._end >= self.segment_size:
+            data = encode_transaction(_checked(items))
+            for i, item in enumerate(items):
+                if item[0] != first + i:
+                    raise JournalSequenceError(
+                        "journal %s: the records of one transaction must"
+                        " have consecutive seqs, got %s"
+                        % (self.path, [it[0] for it in items]))
+            if self._end >= self.segment_size and (
+                    self._end > self._header_size):
+                # (A segment that holds no record yet is never rolled:
+                # it would be replaced by a segment of the same name.)
                 self._roll(first)
             self._write(data)
             faults.point("append.after-write")
@@ -739,11 +754,52 @@ def _bad_tail(f, path, buf, pos, offset, expected, err, lenient_tail,
             report.torn_tail = TornTail(path, at, size, err.reason)
         return
     if later is not None:
+        # Name the damaged record itself, not the start of its transaction.
+        at, seq = offset + pos, expected
         reason = "%s, and a valid record follows at offset %d" % (
             err.reason, offset + pos + later)
     else:
         reason = err.reason
     raise CorruptJournalError(path, at, seq, reason)
+
+
+def _checked(items):
+    """Encode names, refusing records a reader would not believe.
+
+    A reader rejects a name over MAX_NAME_SIZE or a body over
+    MAX_BODY_SIZE as damage; writing one would turn an acknowledged
+    command into a "torn tail" at the next open.
+    """
+    out = []
+    for seq, t, version, name, payload in items:
+        raw = name.encode("utf-8")
+        if len(raw) > MAX_NAME_SIZE:
+            raise EncodeError("command name of %d bytes is longer than %d"
+                              % (len(raw), MAX_NAME_SIZE))
+        if BODY_HEAD_SIZE + len(raw) + len(payload) > MAX_BODY_SIZE:
+            raise EncodeError("command %s: arguments of %d bytes exceed the"
+                              " record limit of %d bytes"
+                              % (name, len(payload), MAX_BODY_SIZE))
+        out.append((seq, t, version, raw, payload))
+    return out
+
+
+def _aside_name(segment, offset, data):
+    """A file name for torn bytes cut at ``offset`` that keeps older ones.
+
+    The same offset can be torn twice (a retried transaction torn again);
+    each cut keeps its own file.  An existing file with the same bytes is
+    this very cut, interrupted before the truncation: it is reused.
+    """
+    base = "%s%s%d" % (segment, TORN_SUFFIX, offset)
+    name, n = base, 0
+    while os.path.exists(name):
+        with open(name, "rb") as f:
+            if f.read() == data:
+                return name
+        n += 1
+        name = "%s.%d" % (base, n)
+    return name
 
 
 def _take_lock(path):
