@@ -31,7 +31,8 @@ class JournalLockedError(JournalError):
         self.holder = holder
         super().__init__(
             "journal %s is locked by another writer (%s); stop that process,"
-            " or open the journal read-only" % (path, holder or "unknown holder"))
+            " or open the journal read-only"
+            % (path, holder or "unknown holder"))
 
 
 class CorruptJournalError(JournalError):

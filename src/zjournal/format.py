@@ -114,8 +114,8 @@ def parse_segment_name(name):
 
 
 def encode_header(identity, first_seq, created):
-    head = SEGMENT_HEADER.pack(
-        MAGIC, FORMAT_VERSION, SEGMENT_HEADER_SIZE, identity, first_seq, created)
+    head = SEGMENT_HEADER.pack(MAGIC, FORMAT_VERSION, SEGMENT_HEADER_SIZE,
+                               identity, first_seq, created)
     return head + SEGMENT_HEADER_CRC.pack(zlib.crc32(head))
 
 

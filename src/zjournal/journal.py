@@ -143,7 +143,10 @@ class FileIO:
 
 @implementer(IEntry)
 class Entry(Record):
-    """A journal entry, as :meth:`~zjournal.journal.FileJournal.entries` yields it."""
+    """A journal entry.
+
+    :meth:`~zjournal.journal.FileJournal.entries` yields these.
+    """
 
     __slots__ = ()
 
@@ -252,7 +255,8 @@ class FileJournal:
         self.created = first.created
         self._open_tail()
         if not self.readonly:
-            self._fd = self._io.open_append(self._segment_path(self._segments[-1]))
+            self._fd = self._io.open_append(
+                self._segment_path(self._segments[-1]))
 
     def _list_segments(self):
         found = []
@@ -288,18 +292,21 @@ class FileJournal:
     def _segment_path(self, first_seq):
         return os.path.join(self.path, segment_name(first_seq))
 
-    def _read_header(self, first_seq):
+    def _read_header(self, first_seq, f=None):
+        """Read and check a segment's header (from ``f`` if given)."""
         path = self._segment_path(first_seq)
-        with open(path, "rb") as f:
-            header = decode_header(f.read(SEGMENT_HEADER_SIZE), path)
+        if f is None:
+            with open(path, "rb") as f:
+                return self._read_header(first_seq, f)
+        header = decode_header(f.read(SEGMENT_HEADER_SIZE), path)
         if header.first_seq != first_seq:
             raise CorruptJournalError(
                 path, 0, first_seq, "segment header says it starts at seq %d"
                 % header.first_seq)
-        if getattr(self, "identity_bytes", header.identity) != header.identity:
+        identity = getattr(self, "identity_bytes", header.identity)
+        if header.identity != identity:
             raise CorruptJournalError(
-                path, 0, first_seq,
-                "segment belongs to journal %s, not %s"
+                path, 0, first_seq, "segment belongs to journal %s, not %s"
                 % (uuid.UUID(bytes=header.identity), self.identity))
         return header
 
@@ -543,21 +550,15 @@ class FileJournal:
     def _read_segment(self, first_seq, start, stop, is_last, report=None):
         path = self._segment_path(first_seq)
         with open(path, "rb") as f:
-            header = decode_header(f.read(SEGMENT_HEADER_SIZE), path)
-            if header.first_seq != first_seq:
-                raise CorruptJournalError(
-                    path, 0, first_seq, "segment header says it starts at"
-                    " seq %d" % header.first_seq)
-            if header.identity != self.identity_bytes:
-                raise CorruptJournalError(
-                    path, 0, first_seq, "segment belongs to journal %s, not %s"
-                    % (uuid.UUID(bytes=header.identity), self.identity))
+            header = self._read_header(first_seq, f)
             f.seek(header.size)
             return (yield from _scan(f, path, header.size, first_seq, start,
                                      stop, is_last and self.readonly, report))
 
     def verify(self):
-        """Read and check every record; return a :class:`~zjournal.journal.ScanReport`.
+        """Read and check every record; return a report.
+
+        The report is a :class:`~zjournal.journal.ScanReport`.
 
         Raises :class:`~zjournal.errors.CorruptJournalError` at the first
         damage.  A torn tail is reported in ``report.torn_tail``.

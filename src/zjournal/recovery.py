@@ -157,8 +157,9 @@ def rebuild(db, journal, until_seq=None, until_time=None, batch_size=1000,
     """Replay ``journal`` into the empty ZODB ``db``; return a Recovery.
 
     ``until_seq`` (inclusive) or ``until_time`` (seconds since the
-    epoch, or an aware ``datetime``; inclusive) stop the replay early: the result is the state right after
-    that command, with a marker saying so.  ``journal`` may be read-only.
+    epoch, or an aware ``datetime``; inclusive) stop the replay early:
+    the result is the state right after that command, with a marker
+    saying so.  ``journal`` may be read-only.
     """
     began = time.perf_counter()
     last = journal.last_seq if until_seq is None else min(
