@@ -7,6 +7,7 @@ Usage::
     zodb-journal dump JOURNAL [--start N] [--stop N] [--json] [--import M]
     zodb-journal rebuild JOURNAL --zodb PATH_OR_URI --import MODULE ...
                          [--until SEQ_OR_ISOTIME] [--batch-size N]
+    zodb-journal salvage SRC DST [--json]
     zodb-journal demo [--dir DIR] [--commands N]
 
 ``JOURNAL`` is a journal directory or a ``file://`` URI.  Every subcommand
@@ -20,6 +21,11 @@ non-empty one), committing in batches, showing progress on a terminal and
 logging it otherwise; ``--until`` stops after a sequence number, or after
 the last command executed at or before an ISO 8601 time (UTC unless the
 time says otherwise).
+
+``salvage`` copies every intact transaction of a damaged journal SRC into
+a new journal DST and lists what it dropped (file, offset, sequence
+numbers); SRC is only read.  See :mod:`zjournal.salvage` for what the copy
+is and is not.
 
 Exit status: 0 success; 1 the journal failed verification, or zjournal
 refused (the message says why and what to do); 2 bad usage.
@@ -107,6 +113,15 @@ def _parser():
                    help="commands per ZODB commit (default 1000)")
     p.set_defaults(run=cmd_rebuild)
 
+    p = sub.add_parser("salvage", help="copy the intact transactions of a"
+                       " damaged journal into a new one")
+    p.add_argument("journal", metavar="SRC")
+    p.add_argument("target", metavar="DST",
+                   help="directory for the new journal (must not exist or"
+                        " be empty)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=cmd_salvage)
+
     p = sub.add_parser("demo", help="run the bank demo: journal, throw the"
                        " ZODB away, rebuild, compare")
     p.add_argument("--dir", metavar="DIR",
@@ -126,16 +141,21 @@ def _import_option(p, required):
 
 # -- helpers -------------------------------------------------------------
 
-def open_journal(spec):
-    """Open a journal read-only from a directory path or a URI."""
-    from zjournal.journal import FileJournal
+def _journal_path(spec):
+    """The directory a journal argument names (a path or a file:// URI)."""
     if "://" in spec:
         scheme, _, rest = spec.partition("://")
         if scheme != "file":
             raise CLIError("journal URI scheme %r is not supported (use a"
                            " directory or file:///path)" % scheme)
-        spec = rest
-    return FileJournal(spec, readonly=True)
+        return rest
+    return spec
+
+
+def open_journal(spec):
+    """Open a journal read-only from a directory path or a URI."""
+    from zjournal.journal import FileJournal
+    return FileJournal(_journal_path(spec), readonly=True)
 
 
 def import_modules(names):
@@ -295,6 +315,30 @@ def cmd_rebuild(args):
     print("rebuilt %s from %s: %s commands in %.2fs (%.0f commands/s)"
           % (args.zodb, journal.path, format(result.replayed, ","),
              result.seconds, rate))
+    return EXIT_OK
+
+
+def cmd_salvage(args):
+    from zjournal.salvage import salvage
+    report = salvage(_journal_path(args.journal), args.target)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2, sort_keys=True))
+        return EXIT_OK
+    print("copied %s records from %s into %s (new journal %s)" % (
+        format(report.copied, ","), report.source, report.target,
+        report.identity))
+    for d in report.dropped:
+        seqs = ("seq %d..%d" % (min(d.seqs), max(d.seqs)) if d.seqs
+                else "no valid record")
+        print("dropped %d bytes at %s:%d (%s; %s)" % (
+            d.size, d.path, d.offset, seqs, d.reason))
+    if report.renumbered_from is not None:
+        print("records from seq %d on were renumbered to close the gap:"
+              " their context.seq and context.random differ on replay"
+              % report.renumbered_from)
+    if not report.dropped:
+        print("nothing was dropped")
+    print("rebuild a ZODB from the new journal; it has a new identity")
     return EXIT_OK
 
 
