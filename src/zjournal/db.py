@@ -30,6 +30,7 @@ from zjournal.datamanager import JournalDataManager
 from zjournal.errors import JournalSequenceError
 from zjournal.errors import NotJournaledConnectionError
 from zjournal.errors import RecoveryError
+from zjournal.groupcommit import GroupCommitter
 from zjournal.interfaces import IJournaledDB
 from zjournal.journal import FileJournal
 from zjournal.marker import MARKER_KEY
@@ -79,10 +80,15 @@ class JournaledDB:
         Commands per ZODB commit during rebuild and catch-up.
     ``progress``
         A callable ``progress(done, total)`` called during long replays.
+    ``batch_window``
+        With a journal opened with ``fsync="batch"``, how long (seconds)
+        :meth:`execute` may wait for other threads' commands to commit them
+        together.  Default 0: groups form from the commands that queue up
+        while the previous group commits.
     """
 
     def __init__(self, db, journal, allow_unjournaled=False, retries=10,
-                 batch_size=1000, progress=None):
+                 batch_size=1000, progress=None, batch_window=0.0):
         if isinstance(journal, str):
             journal = FileJournal(journal)
         self.db = db
@@ -99,6 +105,9 @@ class JournaledDB:
         self._exec_tm = None
         self._exec_conn = None
         self._closed = False
+        self._group = None
+        if getattr(journal, "fsync", None) == "batch":
+            self._group = GroupCommitter(self, batch_window)
         if getattr(db.klass, "journaled_db", None) is not None:
             raise RecoveryError("%r is already wrapped by a JournaledDB"
                                 % (db,))
@@ -130,8 +139,13 @@ class JournaledDB:
         """Run ``command`` in its own transaction; return its result.
 
         Transient errors (conflicts with other processes) are retried up to
-        ``retries`` times with a growing, jittered pause.
+        ``retries`` times with a growing, jittered pause.  Under
+        ``fsync="batch"``, concurrent calls share one commit
+        (:mod:`zjournal.groupcommit`).
         """
+        if self._group is not None:
+            self._check_open()
+            return self._group.execute(command)
         with self._lock:
             for attempt in range(self.retries + 1):
                 if self._needs_catch_up:

@@ -75,7 +75,9 @@ from zjournal.interfaces import IJournal
 
 logger = logging.getLogger(__name__)
 
-FSYNC_POLICIES = ("always", "never")
+# "batch" syncs like "always"; it tells a JournaledDB to group concurrent
+# commands into one commit (see zjournal.groupcommit).
+FSYNC_POLICIES = ("always", "batch", "never")
 # A segment is closed once it reaches this size; the next transaction
 # starts a new one.  Small enough that a scan of the last segment after a
 # crash is quick, large enough that a directory stays short.
@@ -203,8 +205,10 @@ class FileJournal:
     """A journal kept in a directory of segment files.
 
     ``fsync`` is ``"always"`` (the default: a record is on disk before the
-    commit returns) or ``"never"`` (for tests and bulk loads: a crash may
-    lose recent records).  ``readonly=True`` opens without the writer lock
+    commit returns), ``"batch"`` (the same, and a
+    :class:`~zjournal.JournaledDB` groups concurrent commands into one
+    commit and one sync) or ``"never"`` (for tests and bulk loads: a crash
+    may lose recent records).  ``readonly=True`` opens without the writer lock
     and never modifies a file; a torn tail is then reported, not cut.
     """
 
@@ -445,7 +449,7 @@ class FileJournal:
                 self._roll(first)
             self._write(data)
             faults.point("append.after-write")
-            if self.fsync == "always":
+            if self.fsync != "never":
                 self._sync()
             self._end += len(data)
             self.last_seq = items[-1][0]

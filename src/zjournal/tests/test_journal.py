@@ -382,12 +382,21 @@ class TestAppend:
         assert _seqs(j) == list(range(1, 7))
         j.close()
 
-    def test_fsync_batch_policy_is_not_there_yet(self, tmp_path):
-        # "batch" (group commit) is planned; until it exists, asking for it
-        # must fail loudly rather than silently run another policy.
+    def test_fsync_batch_policy(self, tmp_path):
+        # The design names three policies: always, batch, never.
+        j = FileJournal(str(tmp_path), fsync="batch")
+        try:
+            _fill(j, 3)
+        finally:
+            j.close()
+        j = _makeOne(tmp_path)
+        assert _seqs(j) == [1, 2, 3]
+        j.close()
+
+    def test_unknown_fsync_policy(self, tmp_path):
         with pytest.raises(ValueError):
-            FileJournal(str(tmp_path), fsync="batch")
-        assert not os.listdir(str(tmp_path))
+            FileJournal(str(tmp_path / "j"), fsync="sometimes")
+        assert not os.path.exists(str(tmp_path / "j"))
 
     def test_concurrent_appends_stay_serial(self, tmp_path):
         j = _makeOne(tmp_path)
