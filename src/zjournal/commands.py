@@ -128,13 +128,17 @@ def encode(command):
 
 def decode(name, version, payload, seq=None):
     """Rebuild a command from a journal entry."""
-    cls = lookup(name, seq)
+    return build(lookup(name, seq), version, payload, seq)
+
+
+def build(cls, version, payload, seq=None):
+    """Rebuild a command of a known class from its journaled arguments."""
     try:
         state = codec.loads(payload)
         if version != cls.command_version:
             state = cls.upcast(version, state)
     except DecodeError as e:
-        raise DecodeError(str(e), seq, name) from e
+        raise DecodeError(str(e), seq, cls.command_name) from e
     command = cls.__new__(cls)
     command.__setstate__(state)
     return command

@@ -32,6 +32,7 @@ import os
 import threading
 import time as _time
 import uuid
+import zlib
 
 import zc.lockfile
 from zope.interface import implementer
@@ -56,6 +57,7 @@ from zjournal.format import RECORD_HEAD
 from zjournal.format import RECORD_HEAD_SIZE
 from zjournal.format import SEGMENT_HEADER_SIZE
 from zjournal.format import FLAG_END
+from zjournal.format import KNOWN_FLAGS
 from zjournal.format import FLAGS_OFFSET
 from zjournal.format import LOCK_NAME
 from zjournal.format import TORN_SUFFIX
@@ -548,19 +550,9 @@ class FileJournal:
         expected = segs[i]
         for j in range(i, len(segs)):
             _check_continuity(self._segment_path(segs[j]), segs[j], expected)
-            reader = self._read_segment(segs[j], start, stop,
-                                        j == len(segs) - 1)
-            while True:
-                try:
-                    entry = next(reader)
-                except StopIteration as end:
-                    expected = end.value
-                    break
-                yield entry
-                if entry.seq + 1 >= stop:
-                    reader.close()
-                    return
-            if expected is None:  # stopped before the segment's end
+            expected = yield from self._read_segment(
+                segs[j], start, stop, j == len(segs) - 1)
+            if expected is None:  # reached stop, or an incomplete tail
                 return
 
     def _read_segment(self, first_seq, start, stop, is_last, report=None):
@@ -698,32 +690,80 @@ def _scan(f, path, base, expected, start, stop, lenient_tail, report):
     ``lenient_tail``: for a reader of the last segment, stop quietly at an
     incomplete tail (a writer may be in the middle of a write) unless a
     valid record follows it.
+
+    This is the replay's inner loop: the checks of
+    :func:`~zjournal.format.check_record` are inlined, and only a record
+    that fails them goes through that function, to learn why.
     """
     names = {}
     buf = b""
+    view = memoryview(buf)
     pos = 0
     offset = base  # file offset of buf[0]
     held = []  # records of a transaction whose END is not read yet
     eof = False
+    unpack = RECORD_HEAD.unpack_from
+    trailer = TRAILER.unpack_from
+    crc32 = zlib.crc32
+    make = tuple.__new__
     while True:
         if not eof and len(buf) - pos < READ_CHUNK:
             chunk = f.read(READ_CHUNK)
             if chunk:
                 buf = buf[pos:] + chunk
+                view = memoryview(buf)
                 offset += pos
                 pos = 0
             else:
                 eof = True
-        if pos >= len(buf):
-            break
+        size = len(buf)
+        while pos + RECORD_HEAD_SIZE <= size:
+            crc, n, seq, t, flags, reserved, version, k = unpack(buf, pos)
+            end = pos + 8 + n
+            if (end + 4 > size or seq != expected or flags & ~KNOWN_FLAGS
+                    or reserved or k > n - BODY_HEAD_SIZE
+                    or k > MAX_NAME_SIZE or n > MAX_BODY_SIZE
+                    or crc32(view[pos + 4:end]) != crc
+                    or trailer(buf, end)[0] != n):
+                break
+            name_at = pos + RECORD_HEAD_SIZE
+            raw = buf[name_at:name_at + k]
+            name = names.get(raw)
+            if name is None:
+                name = names[raw] = raw.decode("utf-8", "replace")
+            entry = make(Entry, (seq, t, flags, version, name,
+                                 buf[name_at + k:end], offset + pos, n + 12))
+            pos = end + 4
+            expected += 1
+            if not flags:
+                held.append(entry)
+                continue
+            if held:
+                # A transaction is yielded only once it is known complete.
+                held.append(entry)
+                for h in held:
+                    if start <= h[0] < stop:
+                        yield h
+                del held[:]
+            elif start <= seq:
+                yield entry
+            if seq + 1 >= stop:
+                return None
+        if pos + RECORD_HEAD_SIZE > size:
+            if not eof:
+                continue  # less than a record header left: read on
+            if pos >= size:
+                break  # the clean end of the segment
+        # A record failed a check or needs more bytes: learn which.
         try:
-            size = check_record(buf, pos, expected)
+            check_record(buf, pos, expected)
         except BadRecord as e:
             if e.truncated and not eof:
-                # Need more bytes than one chunk holds.
+                # A record larger than what the buffer holds.
                 more = f.read(max(READ_CHUNK, 1 << 20))
                 if more:
                     buf = buf[pos:] + more
+                    view = memoryview(buf)
                     offset += pos
                     pos = 0
                     continue
@@ -731,23 +771,8 @@ def _scan(f, path, base, expected, start, stop, lenient_tail, report):
             _bad_tail(f, path, buf, pos, offset, expected, e, lenient_tail,
                       report, held)
             return None
-        entry = decode_record(buf, pos, names, Entry, offset)
-        pos += size
-        expected += 1
-        if not entry.flags & FLAG_END:
-            held.append(entry)
-            continue
-        if held:
-            # A transaction is yielded only once it is known complete.
-            held.append(entry)
-            for h in held:
-                if start <= h.seq < stop:
-                    yield h
-            del held[:]
-        elif start <= entry.seq:
-            yield entry
-        if entry.seq + 1 >= stop:
-            return None
+        raise AssertionError("record at %s:%d passed check_record but not"
+                             " the scan" % (path, offset + pos))
     if held:
         # The segment ends inside a transaction.
         _bad_tail(f, path, buf, pos, offset, expected,
@@ -761,8 +786,8 @@ def _bad_tail(f, path, buf, pos, offset, expected, err, lenient_tail,
     """Decide what an invalid record at ``buf[pos]`` is, and act on it."""
     rest = buf[pos:] + f.read()
     later = None if not rest else find_valid_record(rest, 0, expected)
-    at = held[0].offset if held else offset + pos
-    seq = held[0].seq if held else expected
+    at = held[0][6] if held else offset + pos
+    seq = held[0][0] if held else expected
     if later is None and lenient_tail:
         size = offset + pos + len(rest) - at
         logger.debug("%s: stopping at an incomplete tail at offset %d", path,

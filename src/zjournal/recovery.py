@@ -217,11 +217,17 @@ def replay(tm, conn, entries, batch_size=1000, progress=None, total=None):
     The root must hold a marker.  Each batch is one ZODB transaction that
     also advances the marker; the last partial batch is committed too.
     Returns the number of commands replayed.
+
+    The loop looks each command class up once per name, not once per
+    entry: it runs once per command in the journal.
     """
     if progress is None:
         progress = Progress()
     root = conn.root()
     marker = root[MARKER_KEY]
+    classes = {}
+    build = commands.build
+    Context = commands.Context
     n = 0
     in_batch = 0
     seq = marker.last_seq
@@ -231,15 +237,18 @@ def replay(tm, conn, entries, batch_size=1000, progress=None, total=None):
                 raise ReplayError(entry.seq, entry.command_name, ValueError(
                     "expected seq %d: the journal has a gap" % (seq + 1)))
             seq = entry.seq
+            name = entry.command_name
             try:
-                command = entry.command
+                cls = classes.get(name)
+                if cls is None:
+                    cls = classes[name] = commands.lookup(name, seq)
+                command = build(cls, entry.version, entry.payload, seq)
             except CommandError as e:
-                raise ReplayError(seq, entry.command_name, e) from e
+                raise ReplayError(seq, name, e) from e
             try:
-                command.execute(root, commands.Context(
-                    seq, entry.time, replaying=True))
+                command.execute(root, Context(seq, entry.time, True))
             except Exception as e:
-                raise ReplayError(seq, entry.command_name, e) from e
+                raise ReplayError(seq, name, e) from e
             n += 1
             in_batch += 1
             if in_batch >= batch_size:
