@@ -49,7 +49,6 @@ class JournalDataManager:
         self._txn = txn
         self.connection = None
         self.pending = []        # (seq, time, version, name, payload)
-        self.executing = False   # inside Command.execute
         self.unjournaled = None  # first object changed outside a command
         self.joined = False
         self.voted = False
@@ -60,7 +59,8 @@ class JournalDataManager:
             self.joined = True
 
     def note_change(self, obj):
-        if not self.executing and self.unjournaled is None:
+        """An object changed outside any command."""
+        if self.unjournaled is None:
             self.unjournaled = obj
 
     # -- IDataManager --------------------------------------------------
@@ -128,7 +128,6 @@ class JournalDataManager:
     def _reset(self):
         self.pending = []
         self.unjournaled = None
-        self.executing = False
         self.voted = False
         self.connection = None
         self.joined = False

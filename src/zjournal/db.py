@@ -49,12 +49,14 @@ class JournaledConnection(ZODB.Connection.Connection):
     the guard catches the common mistake, it is not a proof.
     """
 
-    journaled_db = None     # set on the per-database subclass
-    zjournal_system = False  # recovery's own writes are not commands
+    journaled_db = None  # set on the per-database subclass
+    # True while a command executes on this connection (live or replayed):
+    # its changes are accounted for by the journal.
+    zjournal_in_command = False
 
     def _register(self, obj=None):
         super()._register(obj)
-        if obj is not None and not self.zjournal_system:
+        if obj is not None and not self.zjournal_in_command:
             self.journaled_db._data_manager(self).note_change(obj)
 
 
@@ -269,7 +271,7 @@ class JournaledDB:
         seq = marker.last_seq + 1
         now = time.time()
         context = commands.Context(seq, now)
-        dm.executing = True
+        conn.zjournal_in_command = True
         try:
             result = command.execute(root, context)
             marker.last_seq = seq
@@ -279,7 +281,7 @@ class JournaledDB:
             conn.transaction_manager.get().doom()
             raise
         finally:
-            dm.executing = False
+            conn.zjournal_in_command = False
         dm.pending.append((seq, now, version, name, payload))
         return result
 

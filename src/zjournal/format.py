@@ -171,6 +171,9 @@ def encode_transaction(items):
     ``items`` is a sequence of ``(seq, time, version, name, payload)`` with
     ``name`` and ``payload`` as bytes.
     """
+    if len(items) == 1:
+        (seq, time, version, name, payload), = items
+        return encode_record(seq, time, FLAG_END, version, name, payload)
     last = len(items) - 1
     return b"".join(
         encode_record(seq, time, FLAG_END if i == last else 0, version,

@@ -99,13 +99,13 @@ def _system_connection(db):
     """A connection for recovery's own writes, in a private transaction."""
     tm = transaction.TransactionManager()
     conn = db.open(tm)
-    conn.zjournal_system = True
+    conn.zjournal_in_command = True
     try:
         tm.begin()
         yield tm, conn
     finally:
         tm.abort()
-        conn.zjournal_system = False
+        conn.zjournal_in_command = False
         conn.close()
 
 
