@@ -19,6 +19,7 @@ from zjournal.errors import JournalFailedError
 from zjournal.errors import JournalLockedError
 from zjournal.errors import JournalSequenceError
 from zjournal.errors import JournalWriteError
+from zjournal.errors import NestedCommandError
 from zjournal.errors import NotJournaledConnectionError
 from zjournal.errors import NotJournaledError
 from zjournal.errors import OutcomeUnknownError
@@ -44,4 +45,5 @@ __all__ = [
     "UnknownCommandError", "DecodeError", "EncodeError", "RecoveryError",
     "WrongJournalError", "ZODBAheadError", "NotJournaledError",
     "ReplayError", "UnjournaledChangeError", "NotJournaledConnectionError",
+    "NestedCommandError",
 ]

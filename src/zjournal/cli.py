@@ -37,7 +37,7 @@ import json
 import logging
 import os
 import sys
-import time
+import urllib.parse
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -354,6 +354,11 @@ def open_target(spec):
         except ImportError:
             raise CLIError("--zodb URIs need zodburi: pip install"
                            " 'zjournal[uri]'") from None
+        created = []
+        if spec.startswith("file://"):
+            path = urllib.parse.urlsplit(spec).path
+            created = [path + s for s in FILESTORAGE_SUFFIXES
+                       if not os.path.exists(path + s)]
         try:
             factory, dbkw = zodburi.resolve_uri(spec)
             storage = factory()
@@ -363,7 +368,7 @@ def open_target(spec):
             storage.close()
             raise CLIError("%s is not empty; rebuild into a new, empty"
                            " storage" % spec)
-        return ZODB.DB(storage, **dbkw), []
+        return ZODB.DB(storage, **dbkw), created
     import ZODB.FileStorage
     if os.path.exists(spec) and os.path.getsize(spec) > 4:
         raise CLIError("%s exists and is not empty; rebuild into a new path"

@@ -25,12 +25,23 @@ from zjournal.errors import EncodeError
 # read by every Python 3 this project supports.
 PROTOCOL = 4
 
+# What a protocol-4 pickle of plain data may name.  The containers and
+# scalars (list, dict, set, str, bytes, int, ...) have opcodes of their
+# own and are never looked up by name, so they are not here: a payload
+# that names them to call them (list(range(10**10))) is refused.
 _SAFE_TYPES = (
-    bool, int, float, complex, str, bytes, bytearray,
-    tuple, list, dict, set, frozenset, slice, range, type(None),
+    complex, slice, range,
     datetime.date, datetime.time, datetime.datetime, datetime.timedelta,
     datetime.timezone, decimal.Decimal, fractions.Fraction, uuid.UUID,
 )
+
+
+def _bytearray(*args):
+    """bytearray, as pickle calls it (from bytes), never from a size."""
+    if len(args) > 2 or (args and not isinstance(args[0], (bytes, str))):
+        raise DecodeError("bytearray may only be built from bytes in a"
+                          " payload")
+    return bytearray(*args)
 
 _SCALARS = frozenset((str, int, float, bool, bytes, type(None)))
 
@@ -56,9 +67,8 @@ def register_type(cls):
 
 for _cls in _SAFE_TYPES:
     register_type(_cls)
-# Pickles of builtin types name them under "builtins"; complex() and
-# friends are reached through copyreg only for protocol < 2.
 del _cls
+_allowed[("builtins", "bytearray")] = _bytearray
 
 
 class SafeUnpickler(pickle.Unpickler):

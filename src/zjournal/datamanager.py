@@ -22,6 +22,7 @@ from zope.interface import implementer
 
 from zjournal import faults
 from zjournal.errors import JournalSequenceError
+from zjournal.errors import NestedCommandError
 from zjournal.errors import UnjournaledChangeError
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,9 @@ class JournalDataManager:
         self.unjournaled = None  # first object changed outside a command
         self.joined = False
         self.voted = False
+        # (first, last) seq once journaled; kept after the transaction
+        # ends, for callers that must know whether it committed.
+        self.committed = None
 
     def join(self):
         if not self.joined:
@@ -73,7 +77,11 @@ class JournalDataManager:
         self._reset()
 
     def tpc_begin(self, txn):
-        pass
+        conn = self.connection
+        if conn is not None and conn.zjournal_in_command:
+            raise NestedCommandError(
+                "a command tried to commit the transaction it runs in; that"
+                " would commit half a command")
 
     def commit(self, txn):
         if self.unjournaled is not None and not self.jdb.allow_unjournaled:
@@ -98,6 +106,7 @@ class JournalDataManager:
             self.jdb._needs_catch_up = True
             raise
         self.voted = True
+        self.committed = (self.pending[0][0], self.pending[-1][0])
         faults.point("vote.after-sync")
 
     def tpc_finish(self, txn):

@@ -28,6 +28,7 @@ from zjournal import commands
 from zjournal import recovery
 from zjournal.datamanager import JournalDataManager
 from zjournal.errors import JournalSequenceError
+from zjournal.errors import NestedCommandError
 from zjournal.errors import NotJournaledConnectionError
 from zjournal.errors import RecoveryError
 from zjournal.groupcommit import GroupCommitter
@@ -110,7 +111,10 @@ class JournaledDB:
         self._group = None
         if getattr(journal, "fsync", None) == "batch":
             self._group = GroupCommitter(self, batch_window)
-        if getattr(db.klass, "journaled_db", None) is not None:
+        owner = getattr(db.klass, "journaled_db", None)
+        if owner is not None:
+            if journal is not owner.journal:
+                getattr(journal, "close_refused", journal.close)()
             raise RecoveryError("%r is already wrapped by a JournaledDB"
                                 % (db,))
         try:
@@ -124,7 +128,7 @@ class JournaledDB:
             try:
                 db.close()
             finally:
-                getattr(journal, "discard_if_new", journal.close)()
+                getattr(journal, "close_refused", journal.close)()
             raise
 
     def _install_connection_class(self):
@@ -145,6 +149,7 @@ class JournaledDB:
         ``fsync="batch"``, concurrent calls share one commit
         (:mod:`zjournal.groupcommit`).
         """
+        _refuse_nesting("JournaledDB.execute()")
         if self._group is not None:
             self._check_open()
             return self._group.execute(command)
@@ -156,23 +161,53 @@ class JournaledDB:
                 tm.begin()
                 try:
                     result = execute(conn, command)
-                    tm.commit()
+                    self._commit(tm)
                     return result
                 except transaction.interfaces.TransientError as e:
                     tm.abort()
                     if attempt == self.retries:
                         raise
-                    if isinstance(e, JournalSequenceError):
-                        self._needs_catch_up = True
-                    logger.debug("retrying %s after %s", command, e)
-                    time.sleep(random.uniform(0, 0.002 * 2 ** min(attempt, 8)))
+                    self._pause(attempt, e)
                 except BaseException:
                     tm.abort()
                     raise
 
+    def _pause(self, attempt, error):
+        """Back off before retrying after a transient error."""
+        if isinstance(error, JournalSequenceError):
+            self._needs_catch_up = True
+        logger.debug("retrying after %s", error)
+        time.sleep(random.uniform(0, 0.002 * 2 ** min(attempt, 8)))
+
+    def _commit(self, tm):
+        """Commit; a ZODB failure after the journal's vote is no failure.
+
+        Once the journal holds a transaction's records the commands are
+        committed (the journal is the decision): if the ZODB then fails
+        to finish, telling the caller "failed" would invite a retry that
+        applies the command twice.  The ZODB catches up instead.
+        """
+        txn = tm.get()
+        try:
+            dm = txn.data(self)
+        except KeyError:
+            dm = None
+        try:
+            tm.commit()
+        except BaseException as e:
+            tm.abort()
+            if dm is None or dm.committed is None:
+                raise
+            self._needs_catch_up = True
+            logger.error(
+                "seq %d..%d are committed in the journal, but the ZODB failed"
+                " to finish (%s: %s); it catches up from the journal before"
+                " the next command", dm.committed[0], dm.committed[1],
+                type(e).__name__, e)
+
     def _executor(self):
-        # One connection serves execute(): calls are serialized, and a
-        # connection kept open keeps its object cache warm.
+        # One connection serves execute() and transaction(): both are
+        # serialized, and a connection kept open keeps its cache warm.
         if self._exec_conn is None:
             self._check_open()
             self._exec_tm = transaction.TransactionManager()
@@ -185,23 +220,26 @@ class JournaledDB:
 
         The block runs in its own transaction (not the thread's); an
         exception aborts it.  Conflicts are not retried: the block cannot
-        be rerun by zjournal.
+        be rerun by zjournal.  Inside the block, run commands with
+        :func:`zjournal.execute` on the connection, not with
+        :meth:`execute` (which would need a transaction of its own).
         """
+        _refuse_nesting("JournaledDB.transaction()")
         with self._lock:
             self._check_open()
             if self._needs_catch_up:
                 self.catch_up()
-            tm = transaction.TransactionManager()
-            conn = self.db.open(tm)
+            tm, conn = self._executor()
+            tm.begin()
+            _state.block = True
             try:
-                tm.begin()
                 yield conn
-                tm.commit()
+                self._commit(tm)
             except BaseException:
                 tm.abort()
                 raise
             finally:
-                conn.close()
+                _state.block = False
 
     def open(self, *args, **kw):
         """An ordinary ZODB connection; changes go through :func:`execute`."""
@@ -254,6 +292,18 @@ class JournaledDB:
         return dm
 
     def _run(self, conn, command):
+        running = getattr(_state, "command", None)
+        if running is not None:
+            raise NestedCommandError(
+                "%s tried to run %s as a command of its own while executing;"
+                " call its execute(root, context) directly instead, so that"
+                " it is journaled as part of %s"
+                % (running.command_name, command.command_name,
+                   running.command_name))
+        if not conn.opened:
+            raise NotJournaledConnectionError(
+                "%r is closed; use JournaledDB.open() for a connection whose"
+                " transaction the application commits" % (conn,))
         if self._needs_catch_up:
             # A ZODB commit failed after its journal vote.  Catching up
             # commits the marker, so this transaction's stale marker will
@@ -272,18 +322,43 @@ class JournaledDB:
         now = time.time()
         context = commands.Context(seq, now)
         conn.zjournal_in_command = True
+        _state.command = command
         try:
             result = command.execute(root, context)
             marker.last_seq = seq
         except BaseException:
             # Half a command must never be committed: the transaction can
-            # only be aborted now.
-            conn.transaction_manager.get().doom()
+            # only be aborted now.  (One whose commit already failed cannot
+            # be doomed, nor committed.)
+            try:
+                conn.transaction_manager.get().doom()
+            except ValueError:
+                pass  # its commit failed: it can only be aborted anyway
             raise
         finally:
             conn.zjournal_in_command = False
+            _state.command = None
         dm.pending.append((seq, now, version, name, payload))
         return result
+
+
+# Per thread: the command executing now, and whether a transaction()
+# block is open, so that nested use fails clearly instead of deadlocking
+# or committing half a command.
+_state = threading.local()
+
+
+def _refuse_nesting(what):
+    running = getattr(_state, "command", None)
+    if running is not None:
+        raise NestedCommandError(
+            "%s called while %s executes: a command may not start or commit"
+            " a transaction; call the other command's execute(root, context)"
+            " directly" % (what, running.command_name))
+    if getattr(_state, "block", False):
+        raise NestedCommandError(
+            "%s called inside a JournaledDB.transaction() block; use"
+            " zjournal.execute(conn, command) there" % what)
 
 
 def execute(conn, command):

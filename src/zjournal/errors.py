@@ -110,6 +110,15 @@ class CommandError(ZJournalError):
     """A command class or a journaled command is unusable."""
 
 
+class NestedCommandError(CommandError):
+    """A command tried to run another command, or to commit, by itself.
+
+    A command runs inside a transaction it does not own; everything it
+    changes is journaled as that command.  To reuse another command's
+    logic, call its ``execute(root, context)`` directly.
+    """
+
+
 class CommandNameConflictError(CommandError):
     """Two different command classes claim one command name."""
 

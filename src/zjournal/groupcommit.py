@@ -20,13 +20,11 @@ raises is taken out (the group is re-executed without it, in a new
 transaction), so it leaves no trace and does not fail its companions.
 """
 import logging
-import random
 import threading
 import time
 
 import transaction.interfaces
 
-from zjournal.errors import JournalSequenceError
 
 logger = logging.getLogger(__name__)
 
@@ -116,12 +114,14 @@ class GroupCommitter:
                     for request in pending:
                         try:
                             results.append(jdb._run(conn, request.command))
+                        except transaction.interfaces.TransientError:
+                            raise  # a conflict: retry the whole group
                         except Exception as e:
                             # Out of the group; the others run again
                             # without it, in a fresh transaction.
                             request.error, request.done = e, True
                             raise _Retry()
-                    tm.commit()
+                    jdb._commit(tm)
                 except _Retry:
                     tm.abort()
                     continue
@@ -130,12 +130,7 @@ class GroupCommitter:
                     if attempt == jdb.retries:
                         raise
                     attempt += 1
-                    if isinstance(e, JournalSequenceError):
-                        jdb._needs_catch_up = True
-                    logger.debug("retrying a group of %d after %s",
-                                 len(pending), e)
-                    time.sleep(random.uniform(
-                        0, 0.002 * 2 ** min(attempt, 8)))
+                    jdb._pause(attempt, e)
                     continue
                 except BaseException:
                     tm.abort()

@@ -135,6 +135,9 @@ class FileIO:
     def truncate(self, fd, size):
         os.ftruncate(fd, size)
 
+    def mkdir(self, path):
+        os.mkdir(path)
+
     def rename(self, src, dst):
         os.rename(src, dst)
 
@@ -227,7 +230,8 @@ class FileJournal:
         self.segment_size = segment_size
         self._io = io if io is not None else FileIO()
         self._lock = None
-        self._made_dir = self._made_segment = False
+        self._made_dir = self._made_segment = self._made_lock = False
+        self._cut_now = None  # a TornTail this open cut
         self._fd = None
         self._failed = None
         self._closed = False
@@ -237,6 +241,12 @@ class FileJournal:
             self._open()
         except BaseException:
             self._release()
+            if self._made_lock:
+                # Refused before anything was written: leave no lock file.
+                try:
+                    os.remove(os.path.join(self.path, LOCK_NAME))
+                except OSError:
+                    pass
             raise
 
     # -- opening -------------------------------------------------------
@@ -247,8 +257,9 @@ class FileJournal:
                 raise JournalError("no journal at %s (no such directory)"
                                    % self.path)
         else:
-            self._made_dir = not os.path.isdir(self.path)
-            os.makedirs(self.path, exist_ok=True)
+            self._made_dir = self._make_dirs(self.path)
+            self._made_lock = not os.path.exists(
+                os.path.join(self.path, LOCK_NAME))
             self._lock = _take_lock(self.path)
         self._segments = self._list_segments()
         if not self._segments:
@@ -263,6 +274,23 @@ class FileJournal:
         if not self.readonly:
             self._fd = self._io.open_append(
                 self._segment_path(self._segments[-1]))
+
+    def _make_dirs(self, path):
+        """Create ``path`` and missing parents, syncing each new entry.
+
+        A directory entry is durable only once its parent is synced: a
+        journal whose directory vanishes in a power loss loses everything.
+        """
+        if os.path.isdir(path):
+            return False
+        parent = os.path.dirname(path)
+        self._make_dirs(parent)
+        try:
+            self._io.mkdir(path)
+        except FileExistsError:
+            return False
+        self._io.sync_dir(parent)
+        return True
 
     def _list_segments(self):
         found = []
@@ -408,6 +436,7 @@ class FileJournal:
             self._io.sync(fd)
         finally:
             self._io.close(fd)
+        self._cut_now = torn
         logger.warning(
             "journal %s: cut a torn tail of %d bytes at offset %d (%s);"
             " the bytes are kept in %s", torn.path, torn.size, torn.offset,
@@ -589,8 +618,6 @@ class FileJournal:
                 report.last_seq = entry.seq
                 expected = entry.seq + 1
             expected = max(expected, first_seq)
-        if self.torn_tail is not None and report.torn_tail is None:
-            report.torn_tail = self.torn_tail
         report.seconds = _time.perf_counter() - began
         return report
 
@@ -634,28 +661,52 @@ class FileJournal:
             lock, self._lock = self._lock, None
             lock.close()
 
-    def discard_if_new(self):
-        """Close; remove the journal if this very open created it empty.
+    def close_refused(self):
+        """Close after a refusal, leaving the disk as this open found it.
 
-        A refusal must change nothing on disk: when an application is
-        pointed at the wrong journal path, the empty journal that opening
-        created there is taken away again.
+        A refusal must change nothing on disk: a tail this open cut is put
+        back (it may hold acknowledged records that were damaged, which an
+        operator must see where they were), and a journal this open
+        created, still empty, is taken away again (an application pointed
+        at a mistyped path).
         """
         with self._append_lock:
             self._closed = True
-            self._release()
-            if not self._made_segment or self.last_seq != 0:
-                return
-            for name in (segment_name(1), LOCK_NAME):
-                try:
-                    os.remove(os.path.join(self.path, name))
-                except FileNotFoundError:
-                    pass
-            if self._made_dir:
-                try:
-                    os.rmdir(self.path)
-                except OSError:
-                    pass
+            try:
+                if self._cut_now is not None:
+                    self._restore_tail()
+            finally:
+                self._release()
+            if self._made_segment and self.last_seq == 0:
+                self._remove_new_journal()
+
+    def _restore_tail(self):
+        torn, self._cut_now = self._cut_now, None
+        with open(torn.saved_as, "rb") as f:
+            data = f.read()
+        fd = self._io.open_append(torn.path)
+        try:
+            if os.fstat(fd).st_size == torn.offset:
+                self._io.write(fd, data)
+                self._io.sync(fd)
+        finally:
+            self._io.close(fd)
+        self._io.remove(torn.saved_as)
+        self._io.sync_dir(self.path)
+        logger.info("journal %s: put the %d bytes cut at offset %d back",
+                    torn.path, torn.size, torn.offset)
+
+    def _remove_new_journal(self):
+        for name in (segment_name(1), LOCK_NAME):
+            try:
+                os.remove(os.path.join(self.path, name))
+            except FileNotFoundError:
+                pass
+        if self._made_dir:
+            try:
+                os.rmdir(self.path)
+            except OSError:
+                pass
 
     @property
     def closed(self):
@@ -783,8 +834,14 @@ def _scan(f, path, base, expected, start, stop, lenient_tail, report):
 
 def _bad_tail(f, path, buf, pos, offset, expected, err, lenient_tail,
               report, held):
-    """Decide what an invalid record at ``buf[pos]`` is, and act on it."""
-    rest = buf[pos:] + f.read()
+    """Decide what an invalid record at ``buf[pos]`` is, and act on it.
+
+    A record cut short by the end of the file is judged on the bytes read
+    so far: bytes below the end of the file never change, but a writer
+    may be appending right now, and what it appends after the moment the
+    end was read must not make a write in progress look like damage.
+    """
+    rest = buf[pos:] if err.truncated else buf[pos:] + f.read()
     later = None if not rest else find_valid_record(rest, 0, expected)
     at = held[0][6] if held else offset + pos
     seq = held[0][0] if held else expected

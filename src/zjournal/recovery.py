@@ -199,6 +199,16 @@ def _check_marker(marker, journal):
             " open the ZODB with its own journal, or rebuild an empty ZODB"
             " from this one" % (marker.journal_id, journal.path,
                                 journal.identity))
+    torn = getattr(journal, "torn_tail", None)
+    if marker.last_seq > journal.last_seq and torn is not None:
+        raise ZODBAheadError(
+            "the ZODB has applied commands up to seq %d, but journal %s ends"
+            " at seq %d followed by %d bytes at %s:%d that do not validate"
+            " (%s): those bytes held acknowledged commands and are damaged."
+            " Nothing was changed. Salvage the journal (zodb-journal"
+            " salvage) or restore it from a backup"
+            % (marker.last_seq, journal.path, journal.last_seq, torn.size,
+               torn.path, torn.offset, torn.reason))
     if marker.last_seq > journal.last_seq:
         raise ZODBAheadError(
             "the ZODB has applied commands up to seq %d, but journal %s ends"

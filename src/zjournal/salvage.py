@@ -148,11 +148,15 @@ def _transactions(path, first_seq, identity, report):
     pos = start
     names = {}
     txn = []
+    good_seq = first_seq - 1  # the last valid record's seq
     while pos < len(data):
         try:
             size = check_record(data, pos)
         except BadRecord as e:
-            later = find_valid_record(data, pos, 0)
+            # Records after the damage carry higher seqs than the last good
+            # one: that bounds the search (and finds them in a segment
+            # deep into a long journal).
+            later = find_valid_record(data, pos, good_seq + 1)
             end = len(data) if later is None else later
             _drop(report, path, pos, end - pos, [r.seq for r in txn],
                   e.reason)
@@ -163,6 +167,7 @@ def _transactions(path, first_seq, identity, report):
             continue
         record = decode_record(data, pos, names)
         pos += size
+        good_seq = max(good_seq, record.seq)
         txn.append(record)
         if record.flags & FLAG_END:
             yield txn
