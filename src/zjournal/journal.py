@@ -84,6 +84,9 @@ FSYNC_POLICIES = ("always", "batch", "never")
 # starts a new one.  Small enough that a scan of the last segment after a
 # crash is quick, large enough that a directory stays short.
 DEFAULT_SEGMENT_SIZE = 64 << 20
+# How much of the end of the last segment opening reads to prove the tail
+# clean; a last transaction larger than this is checked by a scan.
+TAIL_WINDOW = 1 << 16
 # Reads go through buffers of this size: a replay's memory does not grow
 # with the size of a segment.
 READ_CHUNK = 1 << 20
@@ -356,30 +359,55 @@ class FileJournal:
         self.last_seq, self._end = found
 
     def _tail_from_end(self, path, header, size):
-        """Find the last record from the end; None unless the tail is clean."""
+        """Find the last record from the end; None unless the tail is clean.
+
+        Walks back from the end of the file, through the trailing lengths,
+        over the whole last transaction and the record before it: each
+        must validate, span exactly to the next, and carry the seq before
+        the next one's; the last must end a transaction, and the walk must
+        stop at an earlier transaction's end or at the header.  That costs
+        one transaction's reading, and proves the tail needs no repair.
+        Anything else returns None, and the segment is scanned.
+        """
         if size == header.size:
             return header.first_seq - 1, size
-        if size < header.size + RECORD_HEAD_SIZE + TRAILER.size:
-            return None
         with open(path, "rb") as f:
-            f.seek(size - TRAILER.size)
-            (n,) = TRAILER.unpack(f.read(TRAILER.size))
-            start = size - n - 12
-            if start < header.size:
+            window = min(size - header.size, TAIL_WINDOW)
+            f.seek(size - window)
+            data = f.read(window)
+        base = size - window  # file offset of data[0]
+        end = len(data)
+        last_seq = next_seq = None
+        while True:
+            if end < RECORD_HEAD_SIZE + TRAILER.size:
+                # The walk reached the start of what was read: only a
+                # walk that reached the header proves anything.
+                if base + end != header.size or next_seq is None:
+                    return None
+                if next_seq != header.first_seq:
+                    return None
+                return last_seq, size
+            (n,) = TRAILER.unpack_from(data, end - TRAILER.size)
+            start = end - n - 12
+            if start < 0:
                 return None
-            f.seek(start)
-            data = f.read(size - start)
-        try:
-            # The record must span exactly to the end of the file: a torn
-            # length field can point back to an earlier record boundary.
-            if check_record(data, 0) != len(data):
+            try:
+                if check_record(data, start) != end - start:
+                    return None
+            except BadRecord:
                 return None
-        except BadRecord:
-            return None
-        _, _, seq, _, flags, _, _, _ = RECORD_HEAD.unpack_from(data)
-        if not flags & FLAG_END or seq < header.first_seq:
-            return None
-        return seq, size
+            _, _, seq, _, flags, _, _, _ = RECORD_HEAD.unpack_from(
+                data, start)
+            if next_seq is None:
+                if not flags & FLAG_END:
+                    return None  # an unfinished transaction at the end
+                last_seq = seq
+            elif seq != next_seq - 1:
+                return None
+            elif flags & FLAG_END:
+                return last_seq, size  # the previous transaction's end
+            next_seq = seq
+            end = start
 
     def _tail_by_scan(self, path, header, size):
         """Scan the last segment forward; cut (or report) a torn tail."""

@@ -629,14 +629,14 @@ class TestLargeRecords:
         assert offset > 1 << 20
         data[offset + 31] ^= 0x40
         _write(seg, bytes(data))
-        j = _makeOne(tmp_path)
-        try:
-            for scan in (lambda: list(j.entries()), j.verify):
-                with pytest.raises(CorruptJournalError) as info:
-                    scan()
-                assert (info.value.offset, info.value.seq) == (offset, 4)
-        finally:
-            j.close()
+        # The damaged record ends the transaction before the last one, so
+        # opening (which checks the last transaction and the record before
+        # it) already finds it, and reports the same place.
+        for readonly in (False, True):
+            with pytest.raises(CorruptJournalError) as info:
+                _makeOne(tmp_path, readonly=readonly)
+            assert (info.value.offset, info.value.seq) == (offset, 4)
+        assert _read(seg) == bytes(data)
 
     def test_torn_large_record(self, tmp_path):
         payloads = self._build(tmp_path)

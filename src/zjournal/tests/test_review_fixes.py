@@ -289,3 +289,25 @@ class TestDecodingBombs:
             codec.loads(pickle.dumps(Sized(), 4))
         assert codec.loads(codec.dumps({"b": bytearray(b"ok")})) == {
             "b": bytearray(b"ok")}
+
+
+class TestTailCheck:
+
+    def test_a_duplicated_last_record_is_not_extended(self, tmp_path):
+        path = str(tmp_path / "j")
+        j = FileJournal(path, fsync="never")
+        for seq in (1, 2, 3):
+            j.append([(seq, float(seq), 1, "x", b"payload")])
+        segment = j.segments()[-1]
+        j.close()
+        last = encode_transaction([(3, 3.0, 1, b"x", b"payload")])
+        with open(segment, "ab") as f:
+            f.write(last)
+        j = FileJournal(path, fsync="never")
+        assert j.last_seq == 3
+        assert j.torn_tail is not None and j.torn_tail.size == len(last)
+        j.append([(4, 4.0, 1, "x", b"payload")])
+        j.close()
+        reader = FileJournal(path, readonly=True)
+        assert [e.seq for e in reader.entries()] == [1, 2, 3, 4]
+        reader.verify()
