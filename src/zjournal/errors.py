@@ -177,10 +177,12 @@ class NotJournaledError(RecoveryError):
 
 
 class ReplayError(RecoveryError):
-    """Replaying an entry failed: a divergence between journal and code.
+    """Replaying an entry failed: a gap in, or divergence from, the code.
 
     ``seq`` and ``command_name`` name the entry; the original exception is
-    chained as ``__cause__``.  Everything before the entry stays applied,
+    chained as ``__cause__``.  An entry that cannot be decoded is found
+    before recovery changes anything.  A command that raises while
+    replayed is found by running it: the batches before it stay applied,
     and the ZODB's marker says so, so a rerun with fixed code resumes there.
     """
 

@@ -244,3 +244,36 @@ class TestRebuild:
             recovery.rebuild(db, journal)
         db.close()
         journal.close()
+
+
+class TestRefusalsBeforeReplay:
+
+    def test_an_unknown_command_in_a_catch_up_changes_nothing(self, site):
+        jdb = site.open(batch_size=2)
+        for i in range(3):
+            jdb.execute(Put("k%d" % i, i))
+        jdb.close()
+        journal = site.journal()
+        append(journal, Put("a", 1), Put("b", 2))
+        journal.append([(6, 0.0, 1, "tests.vanished", b"\x80\x04}\x94.")])
+        journal.close()
+        before = digest(site.data_fs)
+        with pytest.raises(zjournal.ReplayError) as e:
+            site.open(batch_size=2)
+        assert (e.value.seq, e.value.command_name) == (6, "tests.vanished")
+        assert digest(site.data_fs) == before
+
+    def test_a_version_without_upcaster_is_refused_first(self, site):
+        jdb = site.open()
+        jdb.execute(Put("a", 1))
+        jdb.close()
+        journal = site.journal()
+        name, version, payload = commands.encode(Put("b", 2))
+        journal.append([(2, 0.0, version + 5, name, payload)])
+        journal.close()
+        before = digest(site.data_fs)
+        with pytest.raises(zjournal.ReplayError) as e:
+            site.open()
+        assert e.value.seq == 2
+        assert isinstance(e.value.__cause__, zjournal.DecodeError)
+        assert digest(site.data_fs) == before
