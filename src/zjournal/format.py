@@ -209,13 +209,17 @@ class BadRecord(Exception):
     """Internal: the bytes at an offset are not a valid record.
 
     ``truncated`` is true when the record is cut short by the end of the
-    data rather than failing a check.
+    data rather than failing a check.  ``misplaced`` is true when the
+    record is whole and valid but carries the wrong sequence number: no
+    torn write produces that, so it is always corruption (a record lost,
+    duplicated or moved), never a torn tail to cut.
     """
 
-    def __init__(self, reason, truncated=False):
+    def __init__(self, reason, truncated=False, misplaced=False):
         super().__init__(reason)
         self.reason = reason
         self.truncated = truncated
+        self.misplaced = misplaced
 
 
 def check_record(buf, pos, expected_seq=None):
@@ -242,7 +246,8 @@ def check_record(buf, pos, expected_seq=None):
     if flags & ~KNOWN_FLAGS or reserved:
         raise BadRecord("unknown flags %#x" % flags)
     if expected_seq is not None and seq != expected_seq:
-        raise BadRecord("sequence number %d, expected %d" % (seq, expected_seq))
+        raise BadRecord("a valid record with sequence number %d where %d"
+                        " belongs" % (seq, expected_seq), misplaced=True)
     return size
 
 

@@ -343,8 +343,11 @@ class FileJournal:
         identity = getattr(self, "identity_bytes", header.identity)
         if header.identity != identity:
             raise CorruptJournalError(
-                path, 0, first_seq, "segment belongs to journal %s, not %s"
-                % (uuid.UUID(bytes=header.identity), self.identity))
+                path, 0, first_seq, "segment belongs to journal %s, but the"
+                " first segment, %s, says the journal is %s; one of the two"
+                " is from another journal"
+                % (uuid.UUID(bytes=header.identity),
+                   segment_name(self._segments[0]), self.identity))
         return header
 
     def _open_tail(self):
@@ -370,6 +373,7 @@ class FileJournal:
         Anything else returns None, and the segment is scanned.
         """
         if size == header.size:
+            self._check_previous_end(header.first_seq)
             return header.first_seq - 1, size
         with open(path, "rb") as f:
             window = min(size - header.size, TAIL_WINDOW)
@@ -409,6 +413,47 @@ class FileJournal:
             next_seq = seq
             end = start
 
+    def _check_previous_end(self, first_seq):
+        """An empty last segment must follow its predecessor's last record.
+
+        A segment is only ever started right after the previous one's last
+        record, so an empty one named otherwise means lost records (or a
+        stray file); without this check, the journal would go on from a
+        sequence number nobody wrote.
+        """
+        if len(self._segments) < 2:
+            if first_seq != 1:
+                raise CorruptJournalError(
+                    self._segment_path(first_seq), 0, 1,
+                    "the only segment starts at seq %d" % first_seq)
+            return
+        previous = self._segments[-2]
+        path = self._segment_path(previous)
+        size = os.path.getsize(path)
+        last = None
+        if size > SEGMENT_HEADER_SIZE + TRAILER.size:
+            with open(path, "rb") as f:
+                f.seek(size - TRAILER.size)
+                (n,) = TRAILER.unpack(f.read(TRAILER.size))
+                start = size - n - 12
+                if start >= SEGMENT_HEADER_SIZE:
+                    f.seek(start)
+                    data = f.read(n + 12)
+                    try:
+                        check_record(data, 0)
+                        last = RECORD_HEAD.unpack_from(data)[2]
+                    except BadRecord:
+                        pass
+        if last != first_seq - 1:
+            raise CorruptJournalError(
+                self._segment_path(first_seq), 0,
+                first_seq if last is None else last + 1,
+                "the last segment is empty and starts at seq %d, but the"
+                " segment before it, %s, ends at %s" % (
+                    first_seq, segment_name(previous),
+                    "an unreadable record" if last is None else
+                    "seq %d" % last))
+
     def _tail_by_scan(self, path, header, size):
         """Scan the last segment forward; cut (or report) a torn tail."""
         with open(path, "rb") as f:
@@ -422,6 +467,9 @@ class FileJournal:
             try:
                 size = check_record(buf, pos, expected)
             except BadRecord as e:
+                if e.misplaced:
+                    raise CorruptJournalError(
+                        path, header.size + pos, expected, e.reason)
                 reason = e.reason
                 break
             flags = buf[pos + FLAGS_OFFSET]
@@ -869,6 +917,8 @@ def _bad_tail(f, path, buf, pos, offset, expected, err, lenient_tail,
     may be appending right now, and what it appends after the moment the
     end was read must not make a write in progress look like damage.
     """
+    if err.misplaced:
+        raise CorruptJournalError(path, offset + pos, expected, err.reason)
     rest = buf[pos:] if err.truncated else buf[pos:] + f.read()
     later = None if not rest else find_valid_record(rest, 0, expected)
     at = held[0][6] if held else offset + pos

@@ -293,7 +293,7 @@ class TestDecodingBombs:
 
 class TestTailCheck:
 
-    def test_a_duplicated_last_record_is_not_extended(self, tmp_path):
+    def test_a_duplicated_last_record_is_refused(self, tmp_path):
         path = str(tmp_path / "j")
         j = FileJournal(path, fsync="never")
         for seq in (1, 2, 3):
@@ -303,11 +303,11 @@ class TestTailCheck:
         last = encode_transaction([(3, 3.0, 1, b"x", b"payload")])
         with open(segment, "ab") as f:
             f.write(last)
-        j = FileJournal(path, fsync="never")
-        assert j.last_seq == 3
-        assert j.torn_tail is not None and j.torn_tail.size == len(last)
-        j.append([(4, 4.0, 1, "x", b"payload")])
-        j.close()
-        reader = FileJournal(path, readonly=True)
-        assert [e.seq for e in reader.entries()] == [1, 2, 3, 4]
-        reader.verify()
+        before = snapshot(path)
+        # A whole, valid record in the wrong place is never a torn write:
+        # it is not cut, and not appended after.
+        for readonly in (False, True):
+            with pytest.raises(zjournal.CorruptJournalError) as e:
+                FileJournal(path, readonly=readonly)
+            assert e.value.seq == 4
+            assert snapshot(path) == before
