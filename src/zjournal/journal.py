@@ -375,8 +375,23 @@ class FileJournal:
         if size == header.size:
             self._check_previous_end(header.first_seq)
             return header.first_seq - 1, size
+        window = TAIL_WINDOW
+        while True:
+            window = min(size - header.size, window)
+            found = self._walk_back(path, header, size, window)
+            if found != "more" or window == size - header.size:
+                return None if found == "more" else found
+            # The last transaction is larger than what was read: read
+            # more of it, not the whole segment.
+            window *= 8
+
+    def _walk_back(self, path, header, size, window):
+        """Walk back over the last ``window`` bytes; see _tail_from_end.
+
+        Returns ``(last_seq, size)``, None (scan the segment), or "more"
+        when the walk needs bytes before the window.
+        """
         with open(path, "rb") as f:
-            window = min(size - header.size, TAIL_WINDOW)
             f.seek(size - window)
             data = f.read(window)
         base = size - window  # file offset of data[0]
@@ -384,16 +399,18 @@ class FileJournal:
         last_seq = next_seq = None
         while True:
             if end < RECORD_HEAD_SIZE + TRAILER.size:
-                # The walk reached the start of what was read: only a
-                # walk that reached the header proves anything.
-                if base + end != header.size or next_seq is None:
-                    return None
-                if next_seq != header.first_seq:
+                if base + end != header.size:
+                    return "more" if base > header.size else None
+                # The walk reached the header: the segment's first record
+                # must be the one it names.
+                if next_seq is None or next_seq != header.first_seq:
                     return None
                 return last_seq, size
             (n,) = TRAILER.unpack_from(data, end - TRAILER.size)
             start = end - n - 12
             if start < 0:
+                if base > header.size and 0 < n <= MAX_BODY_SIZE:
+                    return "more"
                 return None
             try:
                 if check_record(data, start) != end - start:

@@ -311,3 +311,20 @@ class TestTailCheck:
                 FileJournal(path, readonly=readonly)
             assert e.value.seq == 4
             assert snapshot(path) == before
+
+    def test_a_large_last_transaction_is_walked_not_scanned(self, tmp_path):
+        path = str(tmp_path / "j")
+        j = FileJournal(path, fsync="never")
+        j.append([(1, 1.0, 1, "x", b"first")])
+        j.append([(2 + i, 2.0, 1, "x", b"p" * 1000) for i in range(200)])
+        segment = j.segments()[-1]
+        j.close()
+        assert os.path.getsize(segment) > 3 * journal_module.TAIL_WINDOW
+        with open(segment, "r+b") as f:
+            f.seek(48 + 31)  # inside record 1: only a scan would see it
+            f.write(b"\xff")
+        j = FileJournal(path, fsync="never")
+        assert j.last_seq == 201 and j.torn_tail is None
+        j.close()
+        with pytest.raises(zjournal.CorruptJournalError):
+            FileJournal(path, readonly=True).verify()
