@@ -316,12 +316,15 @@ class TestTailCheck:
         path = str(tmp_path / "j")
         j = FileJournal(path, fsync="never")
         j.append([(1, 1.0, 1, "x", b"first")])
-        j.append([(2 + i, 2.0, 1, "x", b"p" * 1000) for i in range(200)])
+        j.append([(2, 1.0, 1, "x", b"second")])
+        j.append([(3 + i, 2.0, 1, "x", b"p" * 1000) for i in range(199)])
         segment = j.segments()[-1]
         j.close()
         assert os.path.getsize(segment) > 3 * journal_module.TAIL_WINDOW
         with open(segment, "r+b") as f:
-            f.seek(48 + 31)  # inside record 1: only a scan would see it
+            # Inside record 1, before the record the walk checks (seq 2):
+            # only a scan would see it.
+            f.seek(48 + 31)
             f.write(b"\xff")
         j = FileJournal(path, fsync="never")
         assert j.last_seq == 201 and j.torn_tail is None
