@@ -45,6 +45,8 @@ setup(
             "Sphinx",  # test_docs builds the docs with -W
         ],
         "docs": ["Sphinx"],
+        # benchmarks/run.py: the peers it measures zjournal against
+        "bench": ["eventsourcing", "coopy"],
     },
     entry_points={
         "console_scripts": [
