@@ -133,15 +133,38 @@ def decode(name, version, payload, seq=None):
 
 def build(cls, version, payload, seq=None):
     """Rebuild a command of a known class from its journaled arguments."""
-    try:
-        state = codec.loads(payload)
-        if version != cls.command_version:
-            state = cls.upcast(version, state)
-    except DecodeError as e:
-        raise DecodeError(str(e), seq, cls.command_name) from e
-    command = cls.__new__(cls)
-    command.__setstate__(state)
-    return command
+    return builder(cls)(version, payload, seq)
+
+
+def builder(cls):
+    """A function ``(version, payload, seq)`` rebuilding commands of ``cls``.
+
+    Replay calls it once per entry, so what can be decided once per class
+    is: a command class that keeps the default ``__new__`` and
+    ``__setstate__`` gets the freshly decoded dict as its ``__dict__``.
+    """
+    loads = codec.loads
+    current = cls.command_version
+    plain = (cls.__setstate__ is Command.__setstate__
+             and cls.__new__ is object.__new__)
+    new = object.__new__
+
+    def make(version, payload, seq=None):
+        try:
+            state = loads(payload)
+            if version != current:
+                state = cls.upcast(version, state)
+        except DecodeError as e:
+            raise DecodeError(str(e), seq, cls.command_name) from e
+        if plain and type(state) is dict:
+            command = new(cls)
+            command.__dict__ = state
+        else:
+            command = cls.__new__(cls)
+            command.__setstate__(state)
+        return command
+
+    return make
 
 
 _seed = struct.Struct(">Qd")

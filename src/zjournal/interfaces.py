@@ -62,7 +62,12 @@ class IJournal(Interface):
         """
 
     def entries(start=1, stop=None):
-        """Iterate over entries with ``start <= seq < stop``."""
+        """Iterate over entries with ``start <= seq < stop``.
+
+        Entries provide :class:`IEntry` and are tuples
+        ``(seq, time, flags, version, command_name, payload, offset,
+        size)``: replay unpacks them.
+        """
 
     def close():
         """Release files and the writer lock.  Idempotent."""

@@ -255,48 +255,50 @@ def replay(tm, conn, entries, batch_size=1000, progress=None, total=None):
     also advances the marker; the last partial batch is committed too.
     Returns the number of commands replayed.
 
-    The loop looks each command class up once per name, not once per
-    entry: it runs once per command in the journal.
+    ``entries`` are :class:`~zjournal.journal.Entry` tuples.  The loop
+    looks each command class up once per name, not once per entry: it
+    runs once per command in the journal.
     """
     if progress is None:
         progress = Progress()
     root = conn.root()
     marker = root[MARKER_KEY]
-    classes = {}
-    build = commands.build
+    builders = {}
     Context = commands.Context
     n = 0
     in_batch = 0
-    seq = marker.last_seq
+    last = marker.last_seq
     try:
-        for entry in entries:
-            if entry.seq != seq + 1:
-                raise ReplayError(entry.seq, entry.command_name, ValueError(
-                    "expected seq %d: the journal has a gap" % (seq + 1)))
-            seq = entry.seq
-            name = entry.command_name
+        # Entries are (seq, time, flags, version, name, payload, ...)
+        # tuples; unpacking them is cheaper than their named fields.
+        for seq, t, _, version, name, payload, _, _ in entries:
+            if seq != last + 1:
+                raise ReplayError(seq, name, ValueError(
+                    "expected seq %d: the journal has a gap" % (last + 1)))
+            last = seq
             try:
-                cls = classes.get(name)
-                if cls is None:
-                    cls = classes[name] = commands.lookup(name, seq)
-                command = build(cls, entry.version, entry.payload, seq)
+                make = builders.get(name)
+                if make is None:
+                    make = builders[name] = commands.builder(
+                        commands.lookup(name, seq))
+                command = make(version, payload, seq)
             except CommandError as e:
                 raise ReplayError(seq, name, e) from e
             try:
-                command.execute(root, Context(seq, entry.time, True))
+                command.execute(root, Context(seq, t, True))
             except Exception as e:
                 raise ReplayError(seq, name, e) from e
             n += 1
             in_batch += 1
             if in_batch >= batch_size:
-                marker.last_seq = seq
+                marker.last_seq = last
                 tm.commit()
                 faults.point("replay.after-commit")
                 conn.cacheGC()
                 in_batch = 0
                 progress(n, total)
         if in_batch:
-            marker.last_seq = seq
+            marker.last_seq = last
             tm.commit()
             progress(n, total)
     except BaseException:
