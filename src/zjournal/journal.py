@@ -66,7 +66,6 @@ from zjournal.format import BadRecord
 from zjournal.format import Record
 from zjournal.format import check_record
 from zjournal.format import decode_header
-from zjournal.format import decode_record
 from zjournal.format import encode_header
 from zjournal.format import encode_transaction
 from zjournal.format import find_valid_record

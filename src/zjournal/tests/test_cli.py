@@ -32,6 +32,7 @@ from zjournal import recovery
 from zjournal.format import FLAG_END
 from zjournal.format import encode_record
 from zjournal.tests import examples
+from zjournal.tests.helpers import snapshot
 
 EXAMPLES = "zjournal.tests.examples"
 FS_SUFFIXES = ("", ".index", ".lock", ".tmp")
@@ -67,18 +68,6 @@ def run_process(*argv, cwd=None, script=False):
         cmd = [sys.executable, "-m", "zjournal.cli"]
     return subprocess.run(cmd + [str(a) for a in argv], cwd=cwd,
                           capture_output=True, text=True, timeout=60)
-
-
-def snapshot(directory):
-    """Names and sha256 of every file in a directory (recursively)."""
-    found = {}
-    for base, dirs, files in os.walk(str(directory)):
-        for name in files:
-            path = os.path.join(base, name)
-            with open(path, "rb") as f:
-                found[os.path.relpath(path, str(directory))] = (
-                    hashlib.sha256(f.read()).hexdigest())
-    return found
 
 
 def open_writer(journal_dir, data_fs, **journal_kw):

@@ -24,7 +24,6 @@ import subprocess
 import sys
 
 import pytest
-import transaction
 import ZODB
 import ZODB.FileStorage
 
@@ -34,9 +33,7 @@ from zjournal import MARKER_KEY
 from zjournal.format import FLAG_END
 from zjournal.format import SEGMENT_HEADER_SIZE
 from zjournal.format import TORN_SUFFIX
-from zjournal.marker import Marker
 from zjournal.recovery import rebuild
-from zjournal.recovery import replay
 from zjournal.tests import crashworker
 from zjournal.tests.crashworker import ABORTED_COUNTER
 from zjournal.tests.crashworker import journaled_transactions
@@ -47,6 +44,8 @@ from zjournal.tests.crashworker import run_plan
 from zjournal.tests.examples import Increment
 from zjournal.tests.examples import Stamp
 from zjournal.tests.examples import state
+from zjournal.tests.helpers import replayed_state
+from zjournal.tests.helpers import zodb_view
 
 STEPS = 50            # 35 journaled transactions, 70 commands
 SEGMENT_SIZE = 600    # a new segment every few transactions
@@ -88,19 +87,6 @@ def describe(command):
     return command.command_name, sorted(vars(command).items())
 
 
-def zodb_view(jdb):
-    """(state, marker last_seq, marker journal id) of an open JournaledDB."""
-    tm = transaction.TransactionManager()
-    conn = jdb.open(transaction_manager=tm)
-    try:
-        root = conn.root()
-        marker = root[MARKER_KEY]
-        return state(root), marker.last_seq, marker.journal_id
-    finally:
-        tm.abort()
-        conn.close()
-
-
 def plain_zodb_view(data_fs):
     """The same, read from Data.fs without zjournal (no recovery runs)."""
     db = ZODB.DB(ZODB.FileStorage.FileStorage(data_fs, read_only=True))
@@ -109,37 +95,6 @@ def plain_zodb_view(data_fs):
         root = conn.root()
         marker = root.get(MARKER_KEY)
         result = state(root), None if marker is None else marker.last_seq
-        conn.close()
-        return result
-    finally:
-        db.close()
-
-
-def replayed_state(journal, until_seq=None):
-    """Replay the journal into a fresh MappingStorage; return its state.
-
-    With ``until_seq``, replay the first ``until_seq`` entries only.  That
-    slices the full list of entries rather than asking the journal to stop
-    early, which ``test_rebuild_until_a_seq_inside_a_transaction`` checks
-    on its own.
-    """
-    db = ZODB.DB(None)
-    try:
-        if until_seq is None:
-            rebuild(db, journal)
-            expected = journal.last_seq
-        else:
-            tm = transaction.TransactionManager()
-            conn = db.open(tm)
-            conn.root()[MARKER_KEY] = Marker(journal.identity, 0)
-            replay(tm, conn, list(journal.entries())[:until_seq])
-            conn.close()
-            expected = until_seq
-        tm = transaction.TransactionManager()
-        conn = db.open(tm)
-        root = conn.root()
-        result = state(root)
-        assert root[MARKER_KEY].last_seq == expected
         conn.close()
         return result
     finally:

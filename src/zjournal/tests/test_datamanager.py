@@ -7,9 +7,9 @@ from zope.interface.verify import verifyObject
 import zjournal
 from zjournal.datamanager import SORT_KEY
 from zjournal.datamanager import JournalDataManager
-from zjournal.journal import FileIO
 from zjournal.tests import examples
 from zjournal.tests.examples import Put
+from zjournal.tests.helpers import DiskFull
 
 
 class Resource:
@@ -121,15 +121,7 @@ class TestPeers:
         assert zodb_state(jdb) == ((({}, {})), 0)
 
     def test_a_failing_journal_write_aborts_the_zodb(self, site):
-        class Full(FileIO):
-            fail = False
-
-            def write(self, fd, data):
-                if self.fail:
-                    raise OSError(28, "No space left on device")
-                super().write(fd, data)
-
-        io = Full()
+        io = DiskFull()
         jdb = zjournal.JournaledDB(site.db(), site.journal(io=io))
         io.fail = True
         with pytest.raises(zjournal.JournalWriteError):

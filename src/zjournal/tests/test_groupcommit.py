@@ -10,6 +10,7 @@ from zjournal.tests import examples
 from zjournal.tests.examples import Fail
 from zjournal.tests.examples import Increment
 from zjournal.tests.examples import Put
+from zjournal.tests.helpers import DiskFull
 
 
 def transactions(data_fs):
@@ -99,15 +100,7 @@ class TestGroupCommit:
         jdb.close()
 
     def test_a_journal_failure_fails_the_whole_group(self, batch_site):
-        class Full(FileIO):
-            fail = False
-
-            def write(self, fd, data):
-                if self.fail:
-                    raise OSError(28, "No space left on device")
-                super().write(fd, data)
-
-        io = Full()
+        io = DiskFull()
         jdb = zjournal.JournaledDB(
             batch_site.db(), batch_site.journal(fsync="batch", io=io),
             batch_window=0.005)

@@ -56,23 +56,19 @@ import os
 import random
 
 import pytest
-import transaction
 import ZODB
 import ZODB.FileStorage
 
 import zjournal
 from zjournal import FileJournal
 from zjournal import JournaledDB
-from zjournal import MARKER_KEY
 from zjournal.format import FLAG_END
 from zjournal.format import SEGMENT_HEADER_SIZE
 from zjournal.format import TORN_SUFFIX
 from zjournal.format import segment_name
-from zjournal.recovery import rebuild
 from zjournal.tests.examples import Increment
 from zjournal.tests.examples import Put
 from zjournal.tests.examples import Stamp
-from zjournal.tests.examples import state
 from zjournal.tests.powerloss import ABORTED
 from zjournal.tests.powerloss import DATA_MODES
 from zjournal.tests.powerloss import MODELS
@@ -83,6 +79,8 @@ from zjournal.tests.powerloss import Txn
 from zjournal.tests.powerloss import Workload
 from zjournal.tests.powerloss import describe
 from zjournal.tests.powerloss import run_session
+from zjournal.tests.helpers import replayed_state
+from zjournal.tests.helpers import zodb_view
 
 CI_SEEDS = 300
 LONG = os.environ.get("ZJOURNAL_LONG_TESTS", "").strip()
@@ -142,36 +140,6 @@ class Site:
                 with open(os.path.join(self.journal_dir, name), "rb") as f:
                     out[name] = f.read()
         return out
-
-
-def zodb_state(jdb):
-    """(state, marker seq, marker journal id) of an open JournaledDB."""
-    tm = transaction.TransactionManager()
-    conn = jdb.open(transaction_manager=tm)
-    try:
-        root = conn.root()
-        marker = root[MARKER_KEY]
-        return state(root), marker.last_seq, marker.journal_id
-    finally:
-        tm.abort()
-        conn.close()
-
-
-def replayed(journal):
-    """The state a replay of the journal into a MappingStorage gives."""
-    db = ZODB.DB(None)
-    try:
-        rebuild(db, journal)
-        tm = transaction.TransactionManager()
-        conn = db.open(tm)
-        root = conn.root()
-        assert root[MARKER_KEY].last_seq == journal.last_seq
-        result = state(root)
-        tm.abort()
-        conn.close()
-        return result
-    finally:
-        db.close()
 
 
 def model(entries):
@@ -302,27 +270,27 @@ def verify_site(site, sessions, segment_size):
         assert [e.seq for e in entries] == list(range(1, last + 1))
         in_doubt = match_history(transactions(entries), sessions)
 
-        st, marker_seq, marker_id = zodb_state(jdb)
+        st, marker_seq, marker_id = zodb_view(jdb)
         assert marker_seq == last, "the marker is not the journal's end"
         assert marker_id == journal.identity
         check_state(st, entries)
         check_results(sessions, entries, st)
         check_nothing_aborted(st, entries)
-        assert replayed(journal) == st, "the ZODB differs from a replay"
+        assert replayed_state(journal) == st, "the ZODB differs from a replay"
 
         # The site takes new commands at the next seqs.
         assert jdb.execute(Increment("after-the-loss", 5)) == 5
         assert journal.last_seq == last + 1
         stamp = jdb.execute(Stamp("after-the-loss"))
         assert stamp[0] == last + 2 == journal.last_seq
-        final, marker_seq, _ = zodb_state(jdb)
+        final, marker_seq, _ = zodb_view(jdb)
         assert marker_seq == last + 2
         recovery = jdb.recovery
     site.remove_zodb()
     with site.open(segment_size, batch_size=5) as jdb:
         assert jdb.recovery.action == "rebuilt"
         assert jdb.recovery.replayed == last + 2
-        assert zodb_state(jdb)[:2] == (final, last + 2), (
+        assert zodb_view(jdb)[:2] == (final, last + 2), (
             "a rebuild from the journal gives another state")
     return recovery, entries, in_doubt
 

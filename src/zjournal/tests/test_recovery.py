@@ -1,4 +1,3 @@
-import hashlib
 import os
 import shutil
 
@@ -14,11 +13,7 @@ from zjournal.tests.examples import FailOnReplay
 from zjournal.tests.examples import Increment
 from zjournal.tests.examples import Put
 from zjournal.tests.examples import Stamp
-
-
-def digest(path):
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+from zjournal.tests.helpers import digest
 
 
 def read(jdb):

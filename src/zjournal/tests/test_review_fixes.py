@@ -3,7 +3,6 @@
 Each test names the behaviour it protects; see the commit history for the
 defect it once was.
 """
-import hashlib
 import os
 import pickle
 import threading
@@ -22,14 +21,7 @@ from zjournal.format import encode_transaction
 from zjournal.tests import examples
 from zjournal.tests.examples import Increment
 from zjournal.tests.examples import Put
-
-
-def snapshot(directory):
-    out = {}
-    for name in sorted(os.listdir(directory)):
-        with open(os.path.join(directory, name), "rb") as f:
-            out[name] = hashlib.sha256(f.read()).hexdigest()
-    return out
+from zjournal.tests.helpers import snapshot
 
 
 def read_state(jdb):

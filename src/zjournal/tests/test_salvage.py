@@ -1,4 +1,3 @@
-import hashlib
 import json
 import os
 import shutil
@@ -10,14 +9,7 @@ from zjournal import JournalError
 from zjournal import cli
 from zjournal.format import SEGMENT_HEADER_SIZE
 from zjournal.salvage import salvage
-
-
-def snapshot(directory):
-    out = {}
-    for name in sorted(os.listdir(directory)):
-        with open(os.path.join(directory, name), "rb") as f:
-            out[name] = hashlib.sha256(f.read()).hexdigest()
-    return out
+from zjournal.tests.helpers import snapshot
 
 
 def build(path, transactions, segment_size=1 << 20):
