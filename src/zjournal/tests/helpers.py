@@ -84,3 +84,50 @@ class DiskFull(FileIO):
         if self.fail:
             raise OSError(28, "No space left on device")
         super().write(fd, data)
+
+
+def model(entries, increments=("tests.increment",)):
+    """The state the journal implies, computed without replaying it.
+
+    Returns (table, counters, running Increment totals by seq); a Stamp
+    is modelled as ("stamp", seq, time), the part a replay must match.
+    ``increments`` names the commands that add ``by`` (default 1) to a
+    counter.
+    """
+    table, counters, totals = {}, {}, {}
+    for e in entries:
+        c = e.command
+        if e.command_name == "tests.put":
+            table[c.key] = c.value
+        elif e.command_name in increments:
+            counters[c.name] = counters.get(c.name, 0) + getattr(c, "by", 1)
+            totals[e.seq] = counters[c.name]
+        elif e.command_name == "tests.stamp":
+            table[c.key] = ("stamp", e.seq, e.time)
+        else:
+            raise AssertionError("unexpected command in the journal: %r" % e)
+    return table, counters, totals
+
+
+def check_model(st, entries, increments=("tests.increment",)):
+    """Assert a ZODB state equals what the journal's entries imply."""
+    table, counters, _ = model(entries, increments)
+    got_table, got_counters = st
+    assert got_counters == counters, "an Increment applied twice or lost"
+    assert sorted(got_table) == sorted(table)
+    for key, expected in table.items():
+        got = got_table[key]
+        if isinstance(expected, tuple) and expected[:1] == ("stamp",):
+            assert got[:2] == expected[1:], (key, got, expected)
+        else:
+            assert got == expected, (key, got, expected)
+
+
+def marker_state(jdb):
+    """(state, marker seq) through a new connection of a JournaledDB."""
+    conn = jdb.open()
+    try:
+        root = conn.root()
+        return state(root), root[MARKER_KEY].last_seq
+    finally:
+        conn.close()

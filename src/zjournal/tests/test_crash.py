@@ -44,6 +44,8 @@ from zjournal.tests.crashworker import run_plan
 from zjournal.tests.examples import Increment
 from zjournal.tests.examples import Stamp
 from zjournal.tests.examples import state
+from zjournal.tests.helpers import check_model
+from zjournal.tests.helpers import model
 from zjournal.tests.helpers import replayed_state
 from zjournal.tests.helpers import zodb_view
 
@@ -99,40 +101,6 @@ def plain_zodb_view(data_fs):
         return result
     finally:
         db.close()
-
-
-def model(entries):
-    """The state the journal implies, computed without replaying it.
-
-    Returns (table, counters, running Increment totals by seq); a Stamp
-    is modelled as ("stamp", seq, time), the part a replay must match.
-    """
-    table, counters, totals = {}, {}, {}
-    for e in entries:
-        c = e.command
-        if e.command_name == "tests.put":
-            table[c.key] = c.value
-        elif e.command_name == "tests.increment":
-            counters[c.name] = counters.get(c.name, 0) + c.by
-            totals[e.seq] = counters[c.name]
-        elif e.command_name == "tests.stamp":
-            table[c.key] = ("stamp", e.seq, e.time)
-        else:
-            raise AssertionError("unexpected command in the journal: %r" % e)
-    return table, counters, totals
-
-
-def check_model(st, entries):
-    table, counters, _ = model(entries)
-    got_table, got_counters = st
-    assert got_counters == counters, "an Increment applied twice or lost"
-    assert sorted(got_table) == sorted(table)
-    for key, expected in table.items():
-        got = got_table[key]
-        if isinstance(expected, tuple) and expected[:1] == ("stamp",):
-            assert got[:2] == expected[1:], (key, got, expected)
-        else:
-            assert got == expected, (key, got, expected)
 
 
 def check_plan_prefix(entries, transactions=TRANSACTIONS):

@@ -79,8 +79,13 @@ from zjournal.tests.powerloss import Txn
 from zjournal.tests.powerloss import Workload
 from zjournal.tests.powerloss import describe
 from zjournal.tests.powerloss import run_session
+from zjournal.tests.helpers import check_model
+from zjournal.tests.helpers import model
 from zjournal.tests.helpers import replayed_state
 from zjournal.tests.helpers import zodb_view
+
+# Commands the model counts as increments (Contend conflicts on purpose).
+INCREMENTS = ("tests.increment", "tests.powerloss.contend")
 
 CI_SEEDS = 300
 LONG = os.environ.get("ZJOURNAL_LONG_TESTS", "").strip()
@@ -142,24 +147,6 @@ class Site:
         return out
 
 
-def model(entries):
-    """(table, counters, Increment totals by seq) the journal implies."""
-    table, counters, totals = {}, {}, {}
-    for e in entries:
-        c = e.command
-        if e.command_name == "tests.put":
-            table[c.key] = c.value
-        elif e.command_name in ("tests.increment", "tests.powerloss.contend"):
-            by = getattr(c, "by", 1)
-            counters[c.name] = counters.get(c.name, 0) + by
-            totals[e.seq] = counters[c.name]
-        elif e.command_name == "tests.stamp":
-            table[c.key] = ("stamp", e.seq, e.time)
-        else:
-            raise AssertionError("unexpected command in the journal: %r" % e)
-    return table, counters, totals
-
-
 def transactions(entries):
     """Group entries into transactions by their END flags."""
     out, cur = [], []
@@ -212,7 +199,7 @@ def match_history(journal_txns, sessions):
 
 def check_results(sessions, entries, st):
     by_seq = {e.seq: e for e in entries}
-    _, _, totals = model(entries)
+    _, _, totals = model(entries, INCREMENTS)
     table, _ = st
     for s in sessions:
         for txn in s.acked:
@@ -231,19 +218,6 @@ def check_results(sessions, entries, st):
                         % (seq, table[command.key], result))
                 else:
                     assert result == command.value
-
-
-def check_state(st, entries):
-    table, counters, _ = model(entries)
-    got_table, got_counters = st
-    assert got_counters == counters, "an Increment applied twice or lost"
-    assert sorted(got_table) == sorted(table)
-    for key, expected in table.items():
-        got = got_table[key]
-        if isinstance(expected, tuple) and expected[:1] == ("stamp",):
-            assert got[:2] == expected[1:], (key, got, expected)
-        else:
-            assert got == expected, (key, got, expected)
 
 
 def check_nothing_aborted(st, entries):
@@ -273,7 +247,7 @@ def verify_site(site, sessions, segment_size):
         st, marker_seq, marker_id = zodb_view(jdb)
         assert marker_seq == last, "the marker is not the journal's end"
         assert marker_id == journal.identity
-        check_state(st, entries)
+        check_model(st, entries, INCREMENTS)
         check_results(sessions, entries, st)
         check_nothing_aborted(st, entries)
         assert replayed_state(journal) == st, "the ZODB differs from a replay"

@@ -14,15 +14,7 @@ from zjournal.tests.examples import Increment
 from zjournal.tests.examples import Put
 from zjournal.tests.examples import Stamp
 from zjournal.tests.helpers import digest
-
-
-def read(jdb):
-    conn = jdb.open()
-    try:
-        root = conn.root()
-        return examples.state(root), root[zjournal.MARKER_KEY].last_seq
-    finally:
-        conn.close()
+from zjournal.tests.helpers import marker_state
 
 
 def append(journal, *cmds):
@@ -49,7 +41,7 @@ class TestRecover:
     def test_initialize(self, site):
         jdb = site.open()
         assert jdb.recovery.action == "initialized"
-        assert read(jdb) == (({}, {}), 0)
+        assert marker_state(jdb) == (({}, {}), 0)
         conn = jdb.open()
         assert conn.root()[zjournal.MARKER_KEY].journal_id == \
             jdb.journal.identity
@@ -59,7 +51,7 @@ class TestRecover:
     def test_rebuild_reproduces_non_idempotent_state(self, site):
         jdb = site.open(batch_size=7)
         workload(jdb)
-        before = read(jdb)
+        before = marker_state(jdb)
         jdb.close()
         site.remove_zodb()
         progress = []
@@ -68,7 +60,7 @@ class TestRecover:
                             (done, total)))
         assert jdb.recovery.action == "rebuilt"
         assert jdb.recovery.replayed == 62
-        assert read(jdb) == before
+        assert marker_state(jdb) == before
         assert before[0][1] == {"n": 40}
         assert progress[-1] == (62, 62)
         assert [d for d, _ in progress[:3]] == [7, 14, 21]
@@ -84,7 +76,7 @@ class TestRecover:
         jdb = site.open()
         assert jdb.recovery.action == "caught up"
         assert (jdb.recovery.marker_seq, jdb.recovery.replayed) == (1, 2)
-        assert read(jdb) == (({"late": 1}, {"n": 2}), 3)
+        assert marker_state(jdb) == (({"late": 1}, {"n": 2}), 3)
         jdb.close()
 
     def test_current_does_not_read_the_journal(self, site, monkeypatch):
@@ -184,7 +176,7 @@ class TestRebuild:
     def _journal(self, site):
         jdb = site.open()
         workload(jdb, 10)
-        state = read(jdb)
+        state = marker_state(jdb)
         jdb.close()
         return state
 
@@ -199,7 +191,7 @@ class TestRebuild:
         journal.close()
         jdb = site.open()
         assert jdb.recovery.action == "current"
-        assert read(jdb) == before
+        assert marker_state(jdb) == before
         jdb.close()
 
     def test_until_seq_then_open_catches_up(self, site):
@@ -216,7 +208,7 @@ class TestRebuild:
         journal.close()
         jdb = site.open()
         assert jdb.recovery.action == "caught up"
-        assert read(jdb) == before
+        assert marker_state(jdb) == before
         jdb.close()
 
     def test_until_time(self, site):

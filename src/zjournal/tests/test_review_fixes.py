@@ -22,15 +22,7 @@ from zjournal.tests import examples
 from zjournal.tests.examples import Increment
 from zjournal.tests.examples import Put
 from zjournal.tests.helpers import snapshot
-
-
-def read_state(jdb):
-    conn = jdb.open()
-    try:
-        root = conn.root()
-        return examples.state(root), root[zjournal.MARKER_KEY].last_seq
-    finally:
-        conn.close()
+from zjournal.tests.helpers import marker_state
 
 
 class RunsAnother(Command):
@@ -68,7 +60,7 @@ class TestNesting:
         worker.join(10)
         assert done, "nested execute() deadlocked"
         assert jdb.journal.last_seq == 0
-        assert read_state(jdb) == (({}, {}), 0)
+        assert marker_state(jdb) == (({}, {}), 0)
         jdb.close()
 
     def test_zjournal_execute_inside_a_command_is_refused(self, site):
@@ -91,7 +83,7 @@ class TestNesting:
         transaction.abort()
         conn.close()
         assert jdb.journal.last_seq == 0
-        assert read_state(jdb) == (({}, {}), 0)
+        assert marker_state(jdb) == (({}, {}), 0)
         jdb.close()
 
     def test_execute_inside_a_transaction_block_is_refused(self, site):
@@ -181,7 +173,7 @@ class TestFinishFailure:
         assert jdb.execute(Joins()) == 1  # committed: no error, no retry
         assert jdb.journal.last_seq == 1
         assert jdb.execute(Increment("n")) == 1
-        assert read_state(jdb) == (({"x": 1}, {"n": 1}), 2)
+        assert marker_state(jdb) == (({"x": 1}, {"n": 1}), 2)
         jdb.close()
 
 
