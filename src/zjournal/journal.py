@@ -57,6 +57,7 @@ from zjournal.format import RECORD_HEAD
 from zjournal.format import RECORD_HEAD_SIZE
 from zjournal.format import SEGMENT_HEADER_SIZE
 from zjournal.format import FLAG_END
+from zjournal.format import FORMAT_VERSION
 from zjournal.format import KNOWN_FLAGS
 from zjournal.format import FLAGS_OFFSET
 from zjournal.format import LOCK_NAME
@@ -725,7 +726,7 @@ class FileJournal:
         return {
             "path": self.path,
             "identity": self.identity,
-            "format_version": 1,
+            "format_version": FORMAT_VERSION,
             "created": self.created,
             "segments": len(segs),
             "first_seq": self.first_seq,
