@@ -208,7 +208,9 @@ class JournaledDB:
     def _executor(self):
         # One connection serves execute() and transaction(): both are
         # serialized, and a connection kept open keeps its cache warm.
-        if self._exec_conn is None:
+        if self._exec_conn is None or self._exec_conn.opened is None:
+            # (None, or closed by a caller of transaction() who thought
+            # the connection was theirs to close.)
             self._check_open()
             self._exec_tm = transaction.TransactionManager()
             self._exec_conn = self.db.open(self._exec_tm)

@@ -174,6 +174,15 @@ class TestTransaction:
         assert jdb.journal.last_seq == 0
         assert zodb_state(jdb) == ({}, {})
 
+    def test_closing_the_blocks_connection_does_no_harm(self, jdb):
+        with jdb.transaction() as conn:
+            zjournal.execute(conn, Put("a", 1))
+        conn.close()  # a habit from plain ZODB code
+        assert jdb.execute(Put("b", 2)) == 2
+        with jdb.transaction() as conn:
+            zjournal.execute(conn, Put("c", 3))
+        assert zodb_state(jdb) == ({"a": 1, "b": 2, "c": 3}, {})
+
     def test_savepoint_rollback_forgets_commands(self, jdb):
         with jdb.transaction() as conn:
             zjournal.execute(conn, Put("kept", 1))
