@@ -356,9 +356,7 @@ def open_target(spec):
                            " 'zjournal[uri]'") from None
         created = []
         if spec.startswith("file://"):
-            path = urllib.parse.urlsplit(spec).path
-            created = [path + s for s in FILESTORAGE_SUFFIXES
-                       if not os.path.exists(path + s)]
+            created = _missing_files(urllib.parse.urlsplit(spec).path)
         try:
             factory, dbkw = zodburi.resolve_uri(spec)
             storage = factory()
@@ -373,9 +371,14 @@ def open_target(spec):
     if os.path.exists(spec) and os.path.getsize(spec) > 4:
         raise CLIError("%s exists and is not empty; rebuild into a new path"
                        % spec)
-    created = [spec + s for s in FILESTORAGE_SUFFIXES
-               if not os.path.exists(spec + s)]
+    created = _missing_files(spec)
     return ZODB.DB(ZODB.FileStorage.FileStorage(spec)), created
+
+
+def _missing_files(data_fs):
+    """The files of a FileStorage at ``data_fs`` that do not exist yet."""
+    return [data_fs + s for s in FILESTORAGE_SUFFIXES
+            if not os.path.exists(data_fs + s)]
 
 
 def _remove(path):

@@ -159,6 +159,7 @@ def run(directory=None, commands=3000, out=print):
     import ZODB.FileStorage
 
     from zjournal import recovery
+    from zjournal.cli import FILESTORAGE_SUFFIXES
     from zjournal.db import JournaledDB
     from zjournal.journal import FileJournal
 
@@ -204,7 +205,7 @@ def run(directory=None, commands=3000, out=print):
         out("2. journal: %d entries, %d bytes (%.0f bytes per command)"
             % (done, journal_bytes, journal_bytes / done))
 
-        for suffix in ("", ".index", ".lock", ".tmp"):
+        for suffix in FILESTORAGE_SUFFIXES:
             if os.path.exists(data_fs + suffix):
                 os.remove(data_fs + suffix)
         out("3. threw away Data.fs")

@@ -375,6 +375,11 @@ class FileJournal:
         if size == header.size:
             self._check_previous_end(header.first_seq)
             return header.first_seq - 1, size
+        return self._last_transaction_end(path, header, size)
+
+    def _last_transaction_end(self, path, header, size):
+        """``(last_seq, size)`` if a segment ends with a whole, valid
+        transaction (see _tail_from_end), else None."""
         window = TAIL_WINDOW
         while True:
             window = min(size - header.size, window)
@@ -447,20 +452,11 @@ class FileJournal:
         previous = self._segments[-2]
         path = self._segment_path(previous)
         size = os.path.getsize(path)
-        last = None
-        if size > SEGMENT_HEADER_SIZE + TRAILER.size:
-            with open(path, "rb") as f:
-                f.seek(size - TRAILER.size)
-                (n,) = TRAILER.unpack(f.read(TRAILER.size))
-                start = size - n - 12
-                if start >= SEGMENT_HEADER_SIZE:
-                    f.seek(start)
-                    data = f.read(n + 12)
-                    try:
-                        check_record(data, 0)
-                        last = RECORD_HEAD.unpack_from(data)[2]
-                    except BadRecord:
-                        pass
+        found = None
+        if size > SEGMENT_HEADER_SIZE:
+            found = self._last_transaction_end(
+                path, self._read_header(previous), size)
+        last = None if found is None else found[0]
         if last != first_seq - 1:
             raise CorruptJournalError(
                 self._segment_path(first_seq), 0,
