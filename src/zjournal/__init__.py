@@ -9,13 +9,16 @@ from zjournal.commands import Command
 from zjournal.commands import Context
 from zjournal.db import JournaledDB
 from zjournal.db import execute
+from zjournal.db import query
 from zjournal.errors import CommandError
 from zjournal.errors import CommandNameConflictError
 from zjournal.errors import CorruptJournalError
 from zjournal.errors import DecodeError
 from zjournal.errors import EncodeError
+from zjournal.errors import HistoryMismatchError
 from zjournal.errors import JournalError
 from zjournal.errors import JournalFailedError
+from zjournal.errors import JournalKeyError
 from zjournal.errors import JournalLockedError
 from zjournal.errors import JournalSequenceError
 from zjournal.errors import JournalWriteError
@@ -23,8 +26,10 @@ from zjournal.errors import NestedCommandError
 from zjournal.errors import NotJournaledConnectionError
 from zjournal.errors import NotJournaledError
 from zjournal.errors import OutcomeUnknownError
+from zjournal.errors import QueryWriteError
 from zjournal.errors import ReadOnlyJournalError
 from zjournal.errors import RecoveryError
+from zjournal.errors import TamperedJournalError
 from zjournal.errors import ReplayError
 from zjournal.errors import UnjournaledChangeError
 from zjournal.errors import UnknownCommandError
@@ -37,7 +42,7 @@ from zjournal.marker import MARKER_KEY
 
 __all__ = [
     "Command", "Context", "FileJournal", "JournaledDB", "MARKER_KEY",
-    "execute", "register_type",
+    "execute", "query", "register_type",
     "ZJournalError", "JournalError", "CorruptJournalError",
     "JournalLockedError", "JournalFailedError", "JournalWriteError",
     "JournalSequenceError", "OutcomeUnknownError", "ReadOnlyJournalError",
@@ -45,5 +50,6 @@ __all__ = [
     "UnknownCommandError", "DecodeError", "EncodeError", "RecoveryError",
     "WrongJournalError", "ZODBAheadError", "NotJournaledError",
     "ReplayError", "UnjournaledChangeError", "NotJournaledConnectionError",
-    "NestedCommandError",
+    "NestedCommandError", "TamperedJournalError", "JournalKeyError",
+    "HistoryMismatchError", "QueryWriteError",
 ]

@@ -3,6 +3,8 @@
 Two-phase commit, as the ``transaction`` package drives it (the journal is
 the *last resource*: its vote is the commit point)::
 
+    (before the commit, a hook encodes the records and stores the chain
+    hash they end with in the marker, so the ZODB commits it)
     tpc_begin   ZODB connections, then the journal: nothing to do here
     commit      ZODB stores objects; the journal refuses a transaction that
                 changed objects outside any command
@@ -21,9 +23,11 @@ import transaction.interfaces
 from zope.interface import implementer
 
 from zjournal import faults
+from zjournal.errors import JournalError
 from zjournal.errors import JournalSequenceError
 from zjournal.errors import NestedCommandError
 from zjournal.errors import UnjournaledChangeError
+from zjournal.marker import MARKER_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -49,9 +53,12 @@ class JournalDataManager:
         self.transaction_manager = transaction_manager
         self._txn = txn
         self.connection = None
-        self.pending = []        # (seq, time, version, name, payload)
+        # (seq, time, version, name, payload, flags, metadata)
+        self.pending = []
+        self.batch = None        # the encoded records, once prepared
         self.unjournaled = None  # first object changed outside a command
         self.joined = False
+        self.hooked = False
         self.voted = False
         # (first, last) seq once journaled; kept after the transaction
         # ends, for callers that must know whether it committed.
@@ -61,6 +68,45 @@ class JournalDataManager:
         if not self.joined:
             self._txn.join(self)
             self.joined = True
+        if not self.hooked:
+            # Once per transaction: a savepoint rollback can make the data
+            # manager leave the transaction and join it again.
+            self._txn.addBeforeCommitHook(self._before_commit)
+            self.hooked = True
+
+    def _before_commit(self):
+        """Encode the records and put their chain head in the marker.
+
+        This runs before any resource commits, so the marker the ZODB
+        stores names the hash of the last record journaled with it.  Who
+        and why (the transaction's user and description) are read here,
+        as late as they can be.
+        """
+        if not self.pending:
+            return
+        txn = self._txn
+        common = {}
+        if txn.user:
+            common["user"] = txn.user
+        if txn.description:
+            common["description"] = txn.description
+        items = []
+        for seq, t, version, name, payload, flags, meta in self.pending:
+            if meta:
+                meta, extra = dict(common), meta
+                meta.update(extra)
+            items.append((seq, t, version, name, payload, flags,
+                          meta or common or None))
+        conn = self.connection
+        marker = conn.root()[MARKER_KEY]
+        journal = self.jdb.journal
+        prev = marker.head if marker.head is not None else journal.head
+        self.batch = journal.prepare(items, prev)
+        conn.zjournal_in_command = True
+        try:
+            marker.head = self.batch.head
+        finally:
+            conn.zjournal_in_command = False
 
     def note_change(self, obj):
         """An object changed outside any command."""
@@ -97,16 +143,22 @@ class JournalDataManager:
         """The commit point: append and sync the transaction's records."""
         if not self.pending:
             return
+        batch = self.batch
+        if batch is None or batch.last != self.pending[-1][0]:
+            raise JournalError(
+                "a command ran after the journal prepared this transaction's"
+                " records (from a before-commit hook?); it cannot be"
+                " journaled with them")
         faults.point("vote.before-append")
         try:
-            self.jdb.journal.append(self.pending)
+            self.jdb.journal.append(batch)
         except JournalSequenceError:
             # The journal holds records the ZODB lacks (a ZODB finish
             # failed after a journal vote): catch up, then retry.
             self.jdb._needs_catch_up = True
             raise
         self.voted = True
-        self.committed = (self.pending[0][0], self.pending[-1][0])
+        self.committed = (batch.first, batch.last)
         faults.point("vote.after-sync")
 
     def tpc_finish(self, txn):
@@ -136,6 +188,7 @@ class JournalDataManager:
 
     def _reset(self):
         self.pending = []
+        self.batch = None
         self.unjournaled = None
         self.voted = False
         self.connection = None

@@ -30,10 +30,12 @@ from zjournal.datamanager import JournalDataManager
 from zjournal.errors import JournalSequenceError
 from zjournal.errors import NestedCommandError
 from zjournal.errors import NotJournaledConnectionError
+from zjournal.errors import QueryWriteError
 from zjournal.errors import RecoveryError
 from zjournal.groupcommit import GroupCommitter
 from zjournal.interfaces import IJournaledDB
 from zjournal.journal import FileJournal
+from zjournal.format import FLAG_QUERY
 from zjournal.marker import MARKER_KEY
 
 logger = logging.getLogger(__name__)
@@ -54,10 +56,21 @@ class JournaledConnection(ZODB.Connection.Connection):
     # True while a command executes on this connection (live or replayed):
     # its changes are accounted for by the journal.
     zjournal_in_command = False
+    # True while a query executes: it may read, never change.
+    zjournal_in_query = False
 
     def _register(self, obj=None):
         super()._register(obj)
         if obj is not None and not self.zjournal_in_command:
+            if self.zjournal_in_query:
+                # Registered first, so that aborting the transaction
+                # undoes the change in the cache too; doomed, so that a
+                # query catching the error cannot get the change committed.
+                self.transaction_manager.get().doom()
+                raise QueryWriteError(
+                    "a query changed %s (oid %r); queries are skipped by"
+                    " replay, so make changes in a command"
+                    % (type(obj).__name__, getattr(obj, "_p_oid", None)))
             self.journaled_db._data_manager(self).note_change(obj)
 
 
@@ -88,10 +101,16 @@ class JournaledDB:
         :meth:`execute` may wait for other threads' commands to commit them
         together.  Default 0: groups form from the commands that queue up
         while the previous group commits.
+    ``journal_queries``
+        Journal the queries run with :func:`query` too, for a record of
+        every read.  Each journaled query costs what a command costs (a
+        journal record and sync, a ZODB commit of the marker) and
+        serializes with commands.  Default False: queries just run.
     """
 
     def __init__(self, db, journal, allow_unjournaled=False, retries=10,
-                 batch_size=1000, progress=None, batch_window=0.0):
+                 batch_size=1000, progress=None, batch_window=0.0,
+                 journal_queries=False):
         if isinstance(journal, str):
             journal = FileJournal(journal)
         self.db = db
@@ -100,6 +119,7 @@ class JournaledDB:
         self.retries = retries
         self.batch_size = batch_size
         self.progress = progress
+        self.journal_queries = journal_queries
         # Journaled transactions are serialized at commit anyway (they all
         # write the marker); serializing them here turns would-be
         # conflicts between threads into a short wait.
@@ -141,18 +161,31 @@ class JournaledDB:
 
     # -- running commands ----------------------------------------------
 
-    def execute(self, command):
+    def execute(self, command, metadata=None):
         """Run ``command`` in its own transaction; return its result.
 
         Transient errors (conflicts with other processes) are retried up to
         ``retries`` times with a growing, jittered pause.  Under
         ``fsync="batch"``, concurrent calls share one commit
-        (:mod:`zjournal.groupcommit`).
+        (:mod:`zjournal.groupcommit`).  ``metadata``, a dict of JSON
+        values, is journaled with the command (see :func:`execute`).
         """
         _refuse_nesting("JournaledDB.execute()")
         if self._group is not None:
             self._check_open()
-            return self._group.execute(command)
+            return self._group.execute(command, metadata)
+        return self._alone(command, metadata, False)
+
+    def query(self, query, metadata=None):
+        """Run a read-only command in its own transaction.
+
+        Journaled (and committed) only with ``journal_queries=True``; see
+        :func:`query`.
+        """
+        _refuse_nesting("JournaledDB.query()")
+        return self._alone(query, metadata, True)
+
+    def _alone(self, command, metadata, is_query):
         with self._lock:
             for attempt in range(self.retries + 1):
                 if self._needs_catch_up:
@@ -160,8 +193,11 @@ class JournaledDB:
                 tm, conn = self._executor()
                 tm.begin()
                 try:
-                    result = execute(conn, command)
-                    self._commit(tm)
+                    result = self._run(conn, command, metadata, is_query)
+                    if is_query and not self.journal_queries:
+                        tm.abort()
+                    else:
+                        self._commit(tm)
                     return result
                 except transaction.interfaces.TransientError as e:
                     tm.abort()
@@ -293,7 +329,7 @@ class JournaledDB:
         dm.join()
         return dm
 
-    def _run(self, conn, command):
+    def _run(self, conn, command, metadata=None, is_query=False):
         running = getattr(_state, "command", None)
         if running is not None:
             raise NestedCommandError(
@@ -311,6 +347,8 @@ class JournaledDB:
             # commits the marker, so this transaction's stale marker will
             # conflict and the application's retry sees the caught-up state.
             self.catch_up()
+        if is_query and not self.journal_queries:
+            return self._run_query(conn, command)
         name, version, payload = commands.encode(command)
         dm = self._data_manager(conn)
         if dm.connection is None:
@@ -323,10 +361,18 @@ class JournaledDB:
         seq = marker.last_seq + 1
         now = time.time()
         context = commands.Context(seq, now)
-        conn.zjournal_in_command = True
         _state.command = command
         try:
-            result = command.execute(root, context)
+            if is_query:
+                conn.zjournal_in_query = True
+                try:
+                    result = command.execute(root, context)
+                finally:
+                    conn.zjournal_in_query = False
+                conn.zjournal_in_command = True
+            else:
+                conn.zjournal_in_command = True
+                result = command.execute(root, context)
             marker.last_seq = seq
         except BaseException:
             # Half a command must never be committed: the transaction can
@@ -340,8 +386,24 @@ class JournaledDB:
         finally:
             conn.zjournal_in_command = False
             _state.command = None
-        dm.pending.append((seq, now, version, name, payload))
+        dm.pending.append((seq, now, version, name, payload,
+                           FLAG_QUERY if is_query else 0, metadata))
         return result
+
+    def _run_query(self, conn, query):
+        """Run a query that is not journaled: it reads, and that is all."""
+        root = conn.root()
+        context = commands.Context(root[MARKER_KEY].last_seq, time.time())
+        conn.zjournal_in_query = True
+        _state.command = query
+        try:
+            return query.execute(root, context)
+        except QueryWriteError:
+            conn.transaction_manager.get().doom()
+            raise
+        finally:
+            conn.zjournal_in_query = False
+            _state.command = None
 
 
 # Per thread: the command executing now, and whether a transaction()
@@ -363,17 +425,38 @@ def _refuse_nesting(what):
             " zjournal.execute(conn, command) there" % what)
 
 
-def execute(conn, command):
+def execute(conn, command, metadata=None):
     """Execute ``command`` in ``conn``'s current transaction.
 
     The command is journaled when that transaction commits, atomically with
     its effects, and is forgotten if the transaction aborts (or if a
     savepoint from before it is rolled back).  If the command raises, the
     transaction is doomed: it can be aborted, never committed.
+
+    ``metadata`` (a dict of JSON values: who, why, a request id) is
+    journaled with the command, beside the transaction's ``user`` and
+    ``description``, which are recorded for every command; its keys win
+    over those two.
     """
+    return _journaled_db(conn)._run(conn, command, metadata)
+
+
+def query(conn, query, metadata=None):
+    """Run ``query``, a command that only reads, on ``conn``; return its
+    result.
+
+    With ``JournaledDB(journal_queries=True)`` the query is journaled when
+    the transaction commits, for the record (replay skips it); otherwise
+    it just runs.  Either way a query that changes an object raises
+    :class:`~zjournal.errors.QueryWriteError` and dooms the transaction.
+    """
+    return _journaled_db(conn)._run(conn, query, metadata, True)
+
+
+def _journaled_db(conn):
     jdb = getattr(conn, "journaled_db", None)
     if jdb is None:
         raise NotJournaledConnectionError(
             "%r does not belong to a JournaledDB; open it with"
             " JournaledDB.open()" % (conn,))
-    return jdb._run(conn, command)
+    return jdb

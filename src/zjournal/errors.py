@@ -57,6 +57,19 @@ class CorruptJournalError(JournalError):
             " damage may be acknowledged commands" % (where, reason))
 
 
+class TamperedJournalError(CorruptJournalError):
+    """Records whose checksums hold but whose chain or signature does not.
+
+    Accidental damage does not do this: a record was edited, deleted,
+    inserted or reordered and its checksum recomputed, or it was signed
+    with another key.
+    """
+
+
+class JournalKeyError(JournalError):
+    """The signing key given does not match the journal's signatures."""
+
+
 class UnsupportedFormatError(JournalError):
     """A segment was written by a newer (or unknown) journal format."""
 
@@ -176,6 +189,15 @@ class NotJournaledError(RecoveryError):
     """The ZODB holds data but no zjournal marker."""
 
 
+class HistoryMismatchError(RecoveryError):
+    """The journal's records are not the ones the ZODB was built from.
+
+    The identity matches, but the chain hash the ZODB marker stores does
+    not: the journal was edited, or replaced by another history of the
+    same journal (an older backup that diverged, say).
+    """
+
+
 class ReplayError(RecoveryError):
     """Replaying an entry failed: a gap in, or divergence from, the code.
 
@@ -201,6 +223,15 @@ class UnjournaledChangeError(ZJournalError):
     it.  Make the change inside a :class:`zjournal.Command`, or open the
     :class:`zjournal.JournaledDB` with ``allow_unjournaled=True`` if that
     data may be lost on rebuild (caches, sessions).
+    """
+
+
+class QueryWriteError(CommandError):
+    """A query changed a persistent object.
+
+    Queries are journaled for the record and skipped by replay, so a
+    change made by one would be lost by a rebuild.  Its transaction is
+    doomed.
     """
 
 

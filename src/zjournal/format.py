@@ -27,7 +27,7 @@ Segment header, 48 bytes::
     36     8     creation time (IEEE 754 double, seconds since the epoch)
     44     4     CRC-32 of bytes 0 .. 43
 
-Record, 34 bytes of framing around the command name and the payload::
+Record, 50 bytes of framing around the command name and the payload::
 
     offset size  field
     0      4     CRC-32 of bytes 4 .. 8+n (length and body): one contiguous
@@ -35,14 +35,29 @@ Record, 34 bytes of framing around the command name and the payload::
     4      4     n, the length of the body (bytes 8 .. 8+n)
     8      8     sequence number: 1, 2, 3, ... with no gap across segments
     16     8     time the command first executed (IEEE 754 double)
-    24     1     flags; bit 0 (END) marks the last record of a transaction
+    24     1     flags: bit 0 END marks the last record of a transaction,
+                 bit 1 QUERY a journaled query (replay skips it), bit 2 META
+                 the presence of metadata, bit 3 MAC that of a signature
     25     1     reserved, zero
     26     2     command version (for upcasting old arguments)
     28     2     k, the length of the command name
-    30     k     command name, UTF-8 (a registered name, never a class path)
-    30+k   m     payload: the command's arguments (see :mod:`zjournal.codec`)
+    30     16    prev: the chain hash of the record before this one (16 zero
+                 bytes before seq 1)
+    46     k     command name, UTF-8 (a registered name, never a class path)
+    46+k   4+j   with META only: j, then j bytes of metadata (UTF-8 JSON: who
+                 and why -- transaction user, description, application keys)
+    ..     m     payload: the command's arguments (see :mod:`zjournal.codec`)
+    ..     16    with MAC only: HMAC-SHA256 of bytes 4 .. here, cut to 16
+                 bytes, under a key the journal never stores
     8+n    4     n again, so the last record can be found from the end of
                  the file without scanning the segment
+
+The chain hash of a record is BLAKE2b (16 bytes) of its bytes 4 .. 8+n,
+its own ``prev`` included, so each hash pins the whole history before it:
+the ZODB marker stores the hash of the last record it applied, and
+``verify`` recomputes the chain.  The CRC is for accidental damage only;
+the chain makes an edited, deleted or reordered record evident against
+the marker, and the MAC makes forging one impossible without the key.
 
 The commands of one transaction are written with a single ``write`` and
 only the last carries END.  After a crash, records after the last END are
@@ -56,6 +71,9 @@ validate with a valid record after it is corruption of acknowledged data:
 it is reported with file, offset and expected sequence number, and nothing
 is truncated.
 """
+import hashlib
+import hmac
+import json
 import operator
 import re
 import struct
@@ -64,7 +82,7 @@ import zlib
 from zjournal.errors import CorruptJournalError
 from zjournal.errors import UnsupportedFormatError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 SEGMENT_SUFFIX = ".zjl"
 SEGMENT_NAME_RE = re.compile(r"(\d{20})\.zjl", re.ASCII)
@@ -79,24 +97,37 @@ SEGMENT_HEADER_CRC = struct.Struct(">I")
 SEGMENT_HEADER_SIZE = SEGMENT_HEADER.size + SEGMENT_HEADER_CRC.size
 assert SEGMENT_HEADER_SIZE == 48, SEGMENT_HEADER_SIZE
 
-# crc, n, seq, time, flags, reserved, version, name length
-RECORD_HEAD = struct.Struct(">IIQdBBHH")
+# crc, n, seq, time, flags, reserved, version, name length, prev
+RECORD_HEAD = struct.Struct(">IIQdBBHH16s")
 RECORD_HEAD_SIZE = RECORD_HEAD.size
-assert RECORD_HEAD_SIZE == 30, RECORD_HEAD_SIZE
+assert RECORD_HEAD_SIZE == 46, RECORD_HEAD_SIZE
 # The same without the CRC: what the CRC covers, before the name.
-RECORD_LENGTH_HEAD = struct.Struct(">IQdBBHH")
+RECORD_LENGTH_HEAD = struct.Struct(">IQdBBHH16s")
 CRC = TRAILER = struct.Struct(">I")
 # The part of the head that lies inside the body (seq .. name length).
 BODY_HEAD_SIZE = RECORD_HEAD_SIZE - 8
 # Bytes a record takes besides its name and payload.
 RECORD_OVERHEAD = RECORD_HEAD_SIZE + TRAILER.size
-assert RECORD_OVERHEAD == 34, RECORD_OVERHEAD
+assert RECORD_OVERHEAD == 50, RECORD_OVERHEAD
 # The smallest record: an empty name and an empty payload.
 MIN_RECORD_SIZE = RECORD_OVERHEAD
 
 FLAG_END = 0x01
+FLAG_QUERY = 0x02
+FLAG_META = 0x04
+FLAG_MAC = 0x08
 FLAGS_OFFSET = 24
-KNOWN_FLAGS = FLAG_END
+PREV_OFFSET = 30
+KNOWN_FLAGS = FLAG_END | FLAG_QUERY | FLAG_META | FLAG_MAC
+# Flags that move the payload away from right after the name.
+FLAGS_EXTRA = FLAG_META | FLAG_MAC
+
+HASH_SIZE = 16
+MAC_SIZE = 16
+# The predecessor of the first record.
+GENESIS = bytes(HASH_SIZE)
+META_LENGTH = struct.Struct(">I")
+MAX_META_SIZE = 1 << 20
 
 MAX_NAME_SIZE = 1024
 # A bound on what a reader will believe a length field says: a flipped bit
@@ -157,36 +188,115 @@ def decode_header(data, path):
     return SegmentHeader(version, size, identity, first_seq, created)
 
 
-def encode_record(seq, time, flags, version, name, payload):
-    """Encode one record; ``name`` and ``payload`` are bytes."""
+def encode_meta(meta):
+    """Metadata as the journal stores it: canonical UTF-8 JSON, or None.
+
+    Canonical (sorted keys, no spaces), so that an exported and
+    re-imported record is the same bytes and keeps its chain hash.
+    """
+    if not meta:
+        return None
+    try:
+        raw = json.dumps(meta, sort_keys=True, separators=(",", ":"),
+                         ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except (TypeError, ValueError) as e:
+        raise ValueError("metadata must be a JSON object of plain values:"
+                         " %s" % e) from None
+    if not raw.startswith(b"{"):
+        raise ValueError("metadata must be a dict, not %r" % (meta,))
+    if len(raw) > MAX_META_SIZE:
+        raise ValueError("metadata of %d bytes is larger than %d"
+                         % (len(raw), MAX_META_SIZE))
+    return raw
+
+
+def sign(key, body):
+    """The MAC of a record body: HMAC-SHA256, cut to MAC_SIZE bytes."""
+    return hmac.digest(key, body, "sha256")[:MAC_SIZE]
+
+
+def pack_record(seq, time, flags, version, name, payload, prev=GENESIS,
+                meta=None, key=None, mac=None):
+    """Encode one record; ``name``, ``payload`` and ``meta`` are bytes.
+
+    ``flags`` holds END and QUERY; META and MAC are set here from
+    ``meta`` and from ``key`` (sign now) or ``mac`` (a stored signature,
+    when re-encoding a record read back).
+    """
+    flags &= FLAG_END | FLAG_QUERY
+    parts = [None, name]
     n = BODY_HEAD_SIZE + len(name) + len(payload)
-    head = RECORD_LENGTH_HEAD.pack(n, seq, time, flags, 0, version, len(name))
-    crc = zlib.crc32(payload, zlib.crc32(name, zlib.crc32(head)))
-    return b"".join((CRC.pack(crc), head, name, payload, TRAILER.pack(n)))
+    if meta is not None:
+        flags |= FLAG_META
+        parts.append(META_LENGTH.pack(len(meta)))
+        parts.append(meta)
+        n += 4 + len(meta)
+    parts.append(payload)
+    if key is not None or mac is not None:
+        flags |= FLAG_MAC
+        n += MAC_SIZE
+    parts[0] = RECORD_LENGTH_HEAD.pack(n, seq, time, flags, 0, version,
+                                       len(name), prev)
+    body = b"".join(parts)
+    if key is not None:
+        body += sign(key, body)
+    elif mac is not None:
+        body += mac
+    return b"".join((CRC.pack(zlib.crc32(body)), body, TRAILER.pack(n)))
 
 
-def encode_transaction(items):
+def encode_record(seq, time, flags, version, name, payload, prev=GENESIS,
+                  meta=None, key=None):
+    """Encode one record (see :func:`pack_record`)."""
+    return pack_record(seq, time, flags, version, name, payload, prev, meta,
+                       key)
+
+
+def record_hash(record):
+    """The chain hash of one whole encoded record."""
+    return hashlib.blake2b(memoryview(record)[4:-4],
+                           digest_size=HASH_SIZE).digest()
+
+
+def encode_chain(items, prev=GENESIS, key=None):
     """Encode the records of one transaction, END on the last.
 
-    ``items`` is a sequence of ``(seq, time, version, name, payload)`` with
-    ``name`` and ``payload`` as bytes.
+    ``items`` is a sequence of ``(seq, time, version, name, payload)`` or
+    ``(seq, time, version, name, payload, flags, meta)`` with ``name``,
+    ``payload`` and ``meta`` as bytes (``meta`` may be None) and ``flags``
+    0 or FLAG_QUERY.  Returns ``(data, head)``: the bytes to write and the
+    chain hash of the last record, which the next transaction's first
+    record carries.
     """
-    if len(items) == 1:
-        (seq, time, version, name, payload), = items
-        return encode_record(seq, time, FLAG_END, version, name, payload)
+    out = []
     last = len(items) - 1
-    return b"".join(
-        encode_record(seq, time, FLAG_END if i == last else 0, version,
-                      name, payload)
-        for i, (seq, time, version, name, payload) in enumerate(items))
+    for i, item in enumerate(items):
+        if len(item) == 5:
+            seq, time, version, name, payload = item
+            flags, meta = 0, None
+        else:
+            seq, time, version, name, payload, flags, meta = item
+        if i == last:
+            flags |= FLAG_END
+        record = pack_record(seq, time, flags, version, name, payload, prev,
+                             meta, key)
+        prev = record_hash(record)
+        out.append(record)
+    return b"".join(out), prev
+
+
+def encode_transaction(items, prev=GENESIS, key=None):
+    """The bytes of :func:`encode_chain`, for callers that need no head."""
+    return encode_chain(items, prev, key)[0]
 
 
 class Record(tuple):
     """One decoded, validated record and where it was found.
 
-    A tuple ``(seq, time, flags, version, name, payload, offset, size)``
-    with named fields: a replay reads millions of these, and a tuple is
-    built by C code in one step.
+    A tuple ``(seq, time, flags, version, name, payload, offset, size,
+    prev, meta, mac)`` with named fields: a replay reads millions of
+    these, and a tuple is built by C code in one step.  ``meta`` (raw
+    JSON) and ``mac`` are None when the record has none.
     """
 
     __slots__ = ()
@@ -199,10 +309,26 @@ class Record(tuple):
     payload = property(operator.itemgetter(5))
     offset = property(operator.itemgetter(6))
     size = property(operator.itemgetter(7))
+    prev = property(operator.itemgetter(8))
+    meta = property(operator.itemgetter(9))
+    mac = property(operator.itemgetter(10))
 
-    def __new__(cls, seq, time, flags, version, name, payload, offset, size):
+    def __new__(cls, seq, time, flags, version, name, payload, offset, size,
+                prev=GENESIS, meta=None, mac=None):
         return tuple.__new__(
-            cls, (seq, time, flags, version, name, payload, offset, size))
+            cls, (seq, time, flags, version, name, payload, offset, size,
+                  prev, meta, mac))
+
+    def encoded(self):
+        """The record's bytes, as they are on disk."""
+        return pack_record(self[0], self[1], self[2], self[3],
+                           self[4].encode("utf-8"), self[5], self[8],
+                           self[9], mac=self[10])
+
+    @property
+    def hash(self):
+        """This record's chain hash: the ``prev`` of the record after it."""
+        return record_hash(self.encoded())
 
 
 class BadRecord(Exception):
@@ -232,7 +358,8 @@ def check_record(buf, pos, expected_seq=None):
     if pos + RECORD_HEAD_SIZE > end_of_data:
         raise BadRecord("record header cut short (%d of %d bytes)"
                         % (end_of_data - pos, RECORD_HEAD_SIZE), True)
-    crc, n, seq, _, flags, reserved, _, k = RECORD_HEAD.unpack_from(buf, pos)
+    (crc, n, seq, _, flags, reserved, _, k,
+     _) = RECORD_HEAD.unpack_from(buf, pos)
     if n < BODY_HEAD_SIZE + k or n > MAX_BODY_SIZE or k > MAX_NAME_SIZE:
         raise BadRecord("implausible lengths (body %d, name %d)" % (n, k))
     size = n + 12
@@ -245,10 +372,34 @@ def check_record(buf, pos, expected_seq=None):
         raise BadRecord("trailing length does not match")
     if flags & ~KNOWN_FLAGS or reserved:
         raise BadRecord("unknown flags %#x" % flags)
+    if flags & FLAGS_EXTRA and _extras(buf, pos, n, k, flags) is None:
+        raise BadRecord("metadata or signature does not fit the record")
     if expected_seq is not None and seq != expected_seq:
         raise BadRecord("a valid record with sequence number %d where %d"
                         " belongs" % (seq, expected_seq), misplaced=True)
     return size
+
+
+def _extras(buf, pos, n, k, flags):
+    """``(payload_start, payload_end, meta, mac)`` of a record with META or
+    MAC, as offsets into ``buf``; None when they do not fit its body."""
+    at = pos + RECORD_HEAD_SIZE + k
+    end = pos + 8 + n
+    meta = mac = None
+    if flags & FLAG_MAC:
+        end -= MAC_SIZE
+        if end < at:
+            return None
+        mac = bytes(buf[end:end + MAC_SIZE])
+    if flags & FLAG_META:
+        if at + 4 > end:
+            return None
+        (j,) = META_LENGTH.unpack_from(buf, at)
+        if j > MAX_META_SIZE or at + 4 + j > end:
+            return None
+        meta = bytes(buf[at + 4:at + 4 + j])
+        at += 4 + j
+    return at, end, meta, mac
 
 
 def decode_record(buf, pos, names, cls=Record, base=0):
@@ -257,15 +408,21 @@ def decode_record(buf, pos, names, cls=Record, base=0):
     ``names`` caches decoded command names: a journal repeats a handful of
     names millions of times.  ``base`` is the file offset of ``buf[0]``.
     """
-    _, n, seq, time, flags, _, version, k = RECORD_HEAD.unpack_from(buf, pos)
+    (_, n, seq, time, flags, _, version, k,
+     prev) = RECORD_HEAD.unpack_from(buf, pos)
     start = pos + RECORD_HEAD_SIZE
     raw = bytes(buf[start:start + k])
     name = names.get(raw)
     if name is None:
         name = names[raw] = raw.decode("utf-8", "replace")
-    payload = bytes(buf[start + k:pos + 8 + n])
+    meta = mac = None
+    if flags & FLAGS_EXTRA:
+        at, end, meta, mac = _extras(buf, pos, n, k, flags)
+        payload = bytes(buf[at:end])
+    else:
+        payload = bytes(buf[start + k:pos + 8 + n])
     return tuple.__new__(cls, (seq, time, flags, version, name, payload,
-                               base + pos, n + 12))
+                               base + pos, n + 12, prev, meta, mac))
 
 
 def find_valid_record(buf, start, min_seq):
@@ -273,7 +430,7 @@ def find_valid_record(buf, start, min_seq):
 
     Used to tell a torn tail from corruption.  A valid record there must
     carry a sequence number of at least ``min_seq`` and at most one per
-    34 bytes more, so instead of trying every byte offset this looks for
+    50 bytes more, so instead of trying every byte offset this looks for
     the few 6-byte prefixes such numbers can have and checks only the
     offsets where one occurs.
     """

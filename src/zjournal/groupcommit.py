@@ -34,10 +34,11 @@ MAX_GROUP = 256
 
 
 class _Request:
-    __slots__ = ("command", "done", "result", "error")
+    __slots__ = ("command", "metadata", "done", "result", "error")
 
-    def __init__(self, command):
+    def __init__(self, command, metadata):
         self.command = command
+        self.metadata = metadata
         self.done = False
         self.result = None
         self.error = None
@@ -59,8 +60,8 @@ class GroupCommitter:
         self._queue = []
         self._leading = False
 
-    def execute(self, command):
-        request = _Request(command)
+    def execute(self, command, metadata=None):
+        request = _Request(command, metadata)
         with self._cond:
             self._queue.append(request)
             while not request.done:
@@ -113,7 +114,8 @@ class GroupCommitter:
                 try:
                     for request in pending:
                         try:
-                            results.append(jdb._run(conn, request.command))
+                            results.append(jdb._run(conn, request.command,
+                                                    request.metadata))
                         except transaction.interfaces.TransientError:
                             raise  # a conflict: retry the whole group
                         except Exception as e:

@@ -44,6 +44,10 @@ class IEntry(Interface):
     payload = Attribute("The encoded arguments, as bytes.")
     args = Attribute("The decoded arguments (a dict for ordinary commands).")
     command = Attribute("The command, rebuilt through the registry.")
+    prev = Attribute("The chain hash of the record before this one.")
+    is_query = Attribute("True for a journaled query, which replay skips.")
+    metadata = Attribute("Who and why: a dict (transaction user and"
+                         " description, application keys).")
 
 
 class IJournal(Interface):
@@ -52,13 +56,24 @@ class IJournal(Interface):
     identity = Attribute("Unique identity of the journal (a UUID string).")
     last_seq = Attribute("Sequence number of the last durable record, or 0.")
     readonly = Attribute("True when the journal was opened for reading.")
+    head = Attribute("The chain hash of the last record (16 zero bytes for"
+                     " an empty journal).")
+
+    def prepare(items, prev=None):
+        """Encode one transaction's records, chained after ``prev``.
+
+        Returns a batch whose ``head`` is the chain hash the journal will
+        end with once it is appended: the data manager stores it in the
+        ZODB marker before the ZODB votes.
+        """
 
     def append(items):
         """Durably append the records of one transaction, atomically.
 
-        ``items`` is a sequence of ``(seq, time, version, name, payload)``;
-        the first seq must be ``last_seq + 1``.  When this returns (under
-        the default fsync policy), the records survive a crash.
+        ``items`` is a batch from :meth:`prepare`, or a sequence of ``(seq,
+        time, version, name, payload[, flags, metadata])``; the first seq
+        must be ``last_seq + 1``.  When this returns (under the default
+        fsync policy), the records survive a crash.
         """
 
     def entries(start=1, stop=None):
@@ -66,7 +81,7 @@ class IJournal(Interface):
 
         Entries provide :class:`IEntry` and are tuples
         ``(seq, time, flags, version, command_name, payload, offset,
-        size)``: replay unpacks them.
+        size, prev, meta, mac)``: replay unpacks them.
         """
 
     def close():

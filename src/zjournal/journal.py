@@ -27,6 +27,8 @@ succeeds proves nothing.
 """
 import bisect
 import errno
+import hashlib
+import json
 import logging
 import os
 import threading
@@ -45,11 +47,13 @@ from zjournal.errors import DecodeError
 from zjournal.errors import EncodeError
 from zjournal.errors import JournalError
 from zjournal.errors import JournalFailedError
+from zjournal.errors import JournalKeyError
 from zjournal.errors import JournalLockedError
 from zjournal.errors import JournalSequenceError
 from zjournal.errors import JournalWriteError
 from zjournal.errors import OutcomeUnknownError
 from zjournal.errors import ReadOnlyJournalError
+from zjournal.errors import TamperedJournalError
 from zjournal.format import BODY_HEAD_SIZE
 from zjournal.format import MAX_BODY_SIZE
 from zjournal.format import MAX_NAME_SIZE
@@ -57,7 +61,13 @@ from zjournal.format import RECORD_HEAD
 from zjournal.format import RECORD_HEAD_SIZE
 from zjournal.format import SEGMENT_HEADER_SIZE
 from zjournal.format import FLAG_END
+from zjournal.format import FLAG_MAC
+from zjournal.format import FLAG_QUERY
+from zjournal.format import FLAGS_EXTRA
 from zjournal.format import FORMAT_VERSION
+from zjournal.format import GENESIS
+from zjournal.format import HASH_SIZE
+from zjournal.format import MAC_SIZE
 from zjournal.format import KNOWN_FLAGS
 from zjournal.format import FLAGS_OFFSET
 from zjournal.format import LOCK_NAME
@@ -66,9 +76,13 @@ from zjournal.format import TRAILER
 from zjournal.format import BadRecord
 from zjournal.format import Record
 from zjournal.format import check_record
+from zjournal.format import _extras
 from zjournal.format import decode_header
+from zjournal.format import encode_chain
 from zjournal.format import encode_header
-from zjournal.format import encode_transaction
+from zjournal.format import encode_meta
+from zjournal.format import record_hash
+from zjournal.format import sign
 from zjournal.format import find_valid_record
 from zjournal.format import parse_segment_name
 from zjournal.format import segment_name
@@ -90,6 +104,11 @@ TAIL_WINDOW = 1 << 16
 # Reads go through buffers of this size: a replay's memory does not grow
 # with the size of a segment.
 READ_CHUNK = 1 << 20
+# Journal files and directories are created owner-only: a journal holds
+# every argument of every command ever run.
+FILE_MODE = 0o600
+# Where a signing key comes from when none is passed (never the journal).
+HMAC_KEY_ENV = "ZJOURNAL_HMAC_KEY"
 
 
 class FileIO:
@@ -104,10 +123,12 @@ class FileIO:
     def open_append(self, path):
         return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
 
+    file_mode = FILE_MODE
+
     def create(self, path, data):
         """Write a new file holding ``data`` and sync it."""
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
-                     0o644)
+                     self.file_mode)
         try:
             self.write(fd, data)
             self.sync(fd)
@@ -139,7 +160,9 @@ class FileIO:
         os.ftruncate(fd, size)
 
     def mkdir(self, path):
-        os.mkdir(path)
+        # The directory gets a search bit wherever files get a read bit.
+        mode = self.file_mode
+        os.mkdir(path, mode | (mode & 0o444) >> 2)
 
     def rename(self, src, dst):
         os.rename(src, dst)
@@ -176,8 +199,58 @@ class Entry(Record):
     def command(self):
         return commands.decode(self.name, self.version, self.payload, self.seq)
 
+    @property
+    def is_query(self):
+        """A journaled query: kept for the record, skipped by replay."""
+        return bool(self[2] & FLAG_QUERY)
+
+    @property
+    def metadata(self):
+        """Who and why: a dict (empty when the record carries none).
+
+        Plain JSON, so reading it never runs code.
+        """
+        if self[9] is None:
+            return {}
+        try:
+            meta = json.loads(self[9].decode("utf-8"))
+        except ValueError as e:
+            raise DecodeError("undecodable metadata: %s" % e, self.seq,
+                              self.name) from e
+        if not isinstance(meta, dict):
+            raise DecodeError("metadata is not a JSON object", self.seq,
+                              self.name)
+        return meta
+
+    @property
+    def user(self):
+        return self.metadata.get("user", "")
+
+    @property
+    def description(self):
+        return self.metadata.get("description", "")
+
     def __repr__(self):
-        return "<Entry seq=%d %s>" % (self.seq, self.name)
+        return "<Entry seq=%d %s%s>" % (self.seq, self.name,
+                                        " query" if self.is_query else "")
+
+
+class Batch:
+    """One transaction's records, encoded and chained, ready to append.
+
+    Encoding before the vote lets the caller know the chain hash the
+    journal will end with (``head``) and store it in the ZODB marker in
+    the same transaction as the commands' effects.
+    """
+
+    __slots__ = ("first", "last", "prev", "head", "data")
+
+    def __init__(self, first, last, prev, head, data):
+        self.first = first
+        self.last = last
+        self.prev = prev
+        self.head = head
+        self.data = data
 
 
 class TornTail:
@@ -206,6 +279,10 @@ class ScanReport:
         self.last_seq = 0
         self.torn_tail = None
         self.seconds = 0.0
+        self.head = GENESIS   # chain hash of the last record checked
+        self.signed = 0       # records carrying a MAC
+        self.unsigned = 0
+        self.queries = 0
 
 
 @implementer(IJournal)
@@ -218,10 +295,19 @@ class FileJournal:
     commit and one sync) or ``"never"`` (for tests and bulk loads: a crash
     may lose recent records).  ``readonly=True`` opens without the writer lock
     and never modifies a file; a torn tail is then reported, not cut.
+
+    ``hmac_key`` (bytes or str; default: the environment variable
+    ``ZJOURNAL_HMAC_KEY`` when set) signs every appended record and makes
+    :meth:`verify` check signatures.  The key is never written to the
+    journal.  ``identity`` (a UUID string) names a journal being created,
+    for an import that must keep the identity ZODB markers refer to.
+    ``file_mode`` is the permission of new files (directories get the
+    matching search bits): owner-only by default.
     """
 
     def __init__(self, path, fsync="always", readonly=False,
-                 segment_size=DEFAULT_SEGMENT_SIZE, io=None):
+                 segment_size=DEFAULT_SEGMENT_SIZE, io=None, identity=None,
+                 hmac_key=None, file_mode=FILE_MODE):
         if fsync not in FSYNC_POLICIES:
             raise ValueError("fsync must be one of %s, not %r"
                              % (", ".join(FSYNC_POLICIES), fsync))
@@ -232,6 +318,16 @@ class FileJournal:
         self.readonly = readonly
         self.segment_size = segment_size
         self._io = io if io is not None else FileIO()
+        if file_mode != FILE_MODE:
+            self._io.file_mode = file_mode
+        if hmac_key is None:
+            hmac_key = os.environ.get(HMAC_KEY_ENV) or None
+        if isinstance(hmac_key, str):
+            hmac_key = hmac_key.encode("utf-8")
+        self._key = hmac_key
+        self._new_identity = (uuid.UUID(identity).bytes if identity
+                              is not None else None)
+        self.head = GENESIS
         self._lock = None
         self._made_dir = self._made_segment = self._made_lock = False
         self._cut_now = None  # a TornTail this open cut
@@ -309,7 +405,8 @@ class FileJournal:
         return found
 
     def _create(self):
-        header = encode_header(uuid.uuid4().bytes, 1, _time.time())
+        identity = self._new_identity or uuid.uuid4().bytes
+        header = encode_header(identity, 1, _time.time())
         try:
             self._install_segment(1, header)
             self._made_segment = True
@@ -359,7 +456,38 @@ class FileJournal:
         found = self._tail_from_end(path, header, size)
         if found is None:
             found = self._tail_by_scan(path, header, size)
-        self.last_seq, self._end = found
+        self.last_seq, self._end, last = found
+        if last is not None:
+            self.head = record_hash(last)
+            self._check_key(last, path)
+        if self._new_identity not in (None, self.identity_bytes):
+            raise JournalError(
+                "journal %s is %s, not %s as asked" % (
+                    self.path, self.identity,
+                    uuid.UUID(bytes=self._new_identity)))
+
+    def _check_key(self, record, path):
+        """A writer with a key must hold the key that signed the journal.
+
+        Checked on the last record only (verify checks them all): it
+        catches the mistyped or rotated key before records signed with
+        two keys are mixed.
+        """
+        if self._key is None or self.readonly:
+            return
+        flags = record[FLAGS_OFFSET]
+        if not flags & FLAG_MAC:
+            logger.warning("journal %s: signing with a key from now on; the"
+                           " records up to seq %d are unsigned", self.path,
+                           self.last_seq)
+            return
+        body = memoryview(record)[4:-4 - MAC_SIZE]
+        if sign(self._key, body) != record[-4 - MAC_SIZE:-4]:
+            raise JournalKeyError(
+                "journal %s: the last record (seq %d in %s) was signed with"
+                " another key than the one given; check the key (or the"
+                " %s environment variable)"
+                % (self.path, self.last_seq, path, HMAC_KEY_ENV))
 
     def _tail_from_end(self, path, header, size):
         """Find the last record from the end; None unless the tail is clean.
@@ -373,13 +501,13 @@ class FileJournal:
         Anything else returns None, and the segment is scanned.
         """
         if size == header.size:
-            self._check_previous_end(header.first_seq)
-            return header.first_seq - 1, size
+            last = self._check_previous_end(header.first_seq)
+            return header.first_seq - 1, size, last
         return self._last_transaction_end(path, header, size)
 
     def _last_transaction_end(self, path, header, size):
-        """``(last_seq, size)`` if a segment ends with a whole, valid
-        transaction (see _tail_from_end), else None."""
+        """``(last_seq, size, last record)`` if a segment ends with a whole,
+        valid transaction (see _tail_from_end), else None."""
         window = TAIL_WINDOW
         while True:
             window = min(size - header.size, window)
@@ -393,15 +521,15 @@ class FileJournal:
     def _walk_back(self, path, header, size, window):
         """Walk back over the last ``window`` bytes; see _tail_from_end.
 
-        Returns ``(last_seq, size)``, None (scan the segment), or "more"
-        when the walk needs bytes before the window.
+        Returns ``(last_seq, size, last record's bytes)``, None (scan the
+        segment), or "more" when the walk needs bytes before the window.
         """
         with open(path, "rb") as f:
             f.seek(size - window)
             data = f.read(window)
         base = size - window  # file offset of data[0]
         end = len(data)
-        last_seq = next_seq = None
+        last_seq = next_seq = last = None
         while True:
             if end < RECORD_HEAD_SIZE + TRAILER.size:
                 if base + end != header.size:
@@ -410,7 +538,7 @@ class FileJournal:
                 # must be the one it names.
                 if next_seq is None or next_seq != header.first_seq:
                     return None
-                return last_seq, size
+                return last_seq, size, last
             (n,) = TRAILER.unpack_from(data, end - TRAILER.size)
             start = end - n - 12
             if start < 0:
@@ -422,21 +550,24 @@ class FileJournal:
                     return None
             except BadRecord:
                 return None
-            _, _, seq, _, flags, _, _, _ = RECORD_HEAD.unpack_from(
+            _, _, seq, _, flags, _, _, _, _ = RECORD_HEAD.unpack_from(
                 data, start)
             if next_seq is None:
                 if not flags & FLAG_END:
                     return None  # an unfinished transaction at the end
                 last_seq = seq
+                last = data[start:end]
             elif seq != next_seq - 1:
                 return None
             elif flags & FLAG_END:
-                return last_seq, size  # the previous transaction's end
+                return last_seq, size, last  # the previous transaction's end
             next_seq = seq
             end = start
 
     def _check_previous_end(self, first_seq):
         """An empty last segment must follow its predecessor's last record.
+
+        Returns that record's bytes (None for a new journal).
 
         A segment is only ever started right after the previous one's last
         record, so an empty one named otherwise means lost records (or a
@@ -448,7 +579,7 @@ class FileJournal:
                 raise CorruptJournalError(
                     self._segment_path(first_seq), 0, 1,
                     "the only segment starts at seq %d" % first_seq)
-            return
+            return None
         previous = self._segments[-2]
         path = self._segment_path(previous)
         size = os.path.getsize(path)
@@ -466,6 +597,7 @@ class FileJournal:
                     first_seq, segment_name(previous),
                     "an unreadable record" if last is None else
                     "seq %d" % last))
+        return found[2]
 
     def _tail_by_scan(self, path, header, size):
         """Scan the last segment forward; cut (or report) a torn tail."""
@@ -475,6 +607,7 @@ class FileJournal:
         pos = 0
         expected = header.first_seq
         boundary, boundary_seq = 0, expected - 1
+        last_start = None
         reason = None
         while pos < len(buf):
             try:
@@ -486,12 +619,17 @@ class FileJournal:
                 reason = e.reason
                 break
             flags = buf[pos + FLAGS_OFFSET]
+            if flags & FLAG_END:
+                last_start = pos
             pos += size
             if flags & FLAG_END:
                 boundary, boundary_seq = pos, expected
             expected += 1
+        last = None if last_start is None else buf[last_start:boundary]
+        if last is None and boundary_seq == header.first_seq - 1:
+            last = self._check_previous_end(header.first_seq)
         if reason is None and boundary == len(buf):
-            return boundary_seq, header.size + boundary
+            return boundary_seq, header.size + boundary, last
         if reason is not None:
             later = find_valid_record(buf, pos, expected)
             if later is not None:
@@ -510,7 +648,7 @@ class FileJournal:
                         " (%d bytes: %s); a writer will cut it when it opens",
                         path, torn.offset, torn.size, reason)
         self.torn_tail = torn
-        return boundary_seq, torn.offset
+        return boundary_seq, torn.offset, last
 
     def _cut(self, torn, data):
         """Keep the torn bytes aside, then truncate them away."""
@@ -537,10 +675,35 @@ class FileJournal:
     def identity(self):
         return str(uuid.UUID(bytes=self.identity_bytes))
 
+    def prepare(self, items, prev=None):
+        """Encode one transaction's records into a :class:`Batch`.
+
+        ``items`` are ``(seq, time, version, name, payload)`` or ``(seq,
+        time, version, name, payload, flags, metadata)`` tuples (``flags``
+        0 or FLAG_QUERY, ``metadata`` a JSON-able dict or None).  The
+        records are chained after ``prev``, by default the journal's head
+        now; :meth:`append` refuses the batch if the journal has moved on.
+        """
+        if not items:
+            raise ValueError("a transaction has at least one record")
+        first = items[0][0]
+        for i, item in enumerate(items):
+            if item[0] != first + i:
+                raise JournalSequenceError(
+                    "journal %s: the records of one transaction must"
+                    " have consecutive seqs, got %s"
+                    % (self.path, [it[0] for it in items]))
+        if prev is None:
+            prev = self.head
+        data, head = encode_chain(_checked(items), prev, self._key)
+        return Batch(first, items[-1][0], prev, head, data)
+
     def append(self, items):
         """Durably append one transaction's records.
 
-        See :class:`~zjournal.interfaces.IJournal`.
+        ``items`` is a :class:`Batch` from :meth:`prepare`, or what
+        :meth:`prepare` takes.  See
+        :class:`~zjournal.interfaces.IJournal`.
         """
         if self.readonly:
             raise ReadOnlyJournalError("journal %s is open read-only"
@@ -550,29 +713,31 @@ class FileJournal:
                 raise JournalError("journal %s is closed" % self.path)
             if self._failed is not None:
                 raise JournalFailedError(self.path, self._failed)
-            first = items[0][0]
+            batch = items if isinstance(items, Batch) else None
+            first = batch.first if batch is not None else items[0][0]
             if first != self.last_seq + 1:
                 raise JournalSequenceError(
                     "journal %s ends at seq %d, cannot append seq %d"
                     % (self.path, self.last_seq, first))
-            data = encode_transaction(_checked(items))
-            for i, item in enumerate(items):
-                if item[0] != first + i:
-                    raise JournalSequenceError(
-                        "journal %s: the records of one transaction must"
-                        " have consecutive seqs, got %s"
-                        % (self.path, [it[0] for it in items]))
+            if batch is None:
+                batch = self.prepare(items)
+            elif batch.prev != self.head:
+                raise JournalSequenceError(
+                    "journal %s: seq %d was chained after another record"
+                    " than the journal's last one" % (self.path, first))
             if self._end >= self.segment_size and (
                     self._end > self._header_size):
                 # (A segment that holds no record yet is never rolled:
                 # it would be replaced by a segment of the same name.)
                 self._roll(first)
-            self._write(data)
+            self._write(batch.data)
             faults.point("append.after-write")
             if self.fsync != "never":
                 self._sync()
-            self._end += len(data)
-            self.last_seq = items[-1][0]
+            self._end += len(batch.data)
+            self.last_seq = batch.last
+            self.head = batch.head
+        return batch
 
     def sync(self):
         """Make every appended record durable now.
@@ -681,7 +846,7 @@ class FileJournal:
             f.seek(header.size)
             return (yield from _scan(f, path, header.size, first_seq, start,
                                      stop, is_last and self.readonly, report,
-                                     build))
+                                     build, self._key))
 
     def verify(self):
         """Read and check every record; return a report.
@@ -829,7 +994,7 @@ def _check_continuity(path, first_seq, expected):
 
 
 def _scan(f, path, base, expected, start, stop, lenient_tail, report,
-          build=True):
+          build=True, key=None):
     """Yield validated entries of one open segment, read in chunks.
 
     Returns the sequence number the next segment must start with, or None
@@ -844,7 +1009,10 @@ def _scan(f, path, base, expected, start, stop, lenient_tail, report,
 
     With ``build=False`` (verify) it checks without building entries and
     yields nothing; it returns the seq after the last whole transaction
-    in every case, and the seqs being contiguous, that counts them.
+    in every case, and the seqs being contiguous, that counts them.  It
+    also checks the hash chain, from ``report.head`` on, and with a
+    ``key`` every record's signature; ``report.head`` ends as the hash of
+    the last whole transaction's last record.
     """
     last_end = expected - 1
     names = {}
@@ -858,6 +1026,10 @@ def _scan(f, path, base, expected, start, stop, lenient_tail, report,
     trailer = TRAILER.unpack_from
     crc32 = zlib.crc32
     make = tuple.__new__
+    if not build:
+        blake2b = hashlib.blake2b
+        chain = report.head
+        signed = unsigned = queries = 0
     while True:
         if not eof and len(buf) - pos < READ_CHUNK:
             chunk = f.read(READ_CHUNK)
@@ -870,7 +1042,8 @@ def _scan(f, path, base, expected, start, stop, lenient_tail, report,
                 eof = True
         size = len(buf)
         while pos + RECORD_HEAD_SIZE <= size:
-            crc, n, seq, t, flags, reserved, version, k = unpack(buf, pos)
+            (crc, n, seq, t, flags, reserved, version, k,
+             prev) = unpack(buf, pos)
             end = pos + 8 + n
             if (end + 4 > size or seq != expected or flags & ~KNOWN_FLAGS
                     or reserved or k > n - BODY_HEAD_SIZE
@@ -878,15 +1051,52 @@ def _scan(f, path, base, expected, start, stop, lenient_tail, report,
                     or crc32(view[pos + 4:end]) != crc
                     or trailer(buf, end)[0] != n):
                 break
+            if flags & FLAGS_EXTRA:
+                extras = _extras(buf, pos, n, k, flags)
+                if extras is None:
+                    break
+                at, stop_at, meta, mac = extras
+            else:
+                at, stop_at, meta, mac = pos + RECORD_HEAD_SIZE + k, end, None, None
             if not build:
-                if flags:
+                if prev != chain:
+                    raise TamperedJournalError(
+                        path, offset + pos, seq, "the hash chain is broken:"
+                        " this record follows another record than the one"
+                        " before it (records edited, deleted, inserted or"
+                        " reordered)")
+                chain = blake2b(view[pos + 4:end],
+                                digest_size=HASH_SIZE).digest()
+                if mac is not None:
+                    signed += 1
+                    if key is not None and sign(
+                            key, view[pos + 4:end - MAC_SIZE]) != mac:
+                        raise TamperedJournalError(
+                            path, offset + pos, seq, "bad signature: the"
+                            " record was changed or signed with another"
+                            " key")
+                else:
+                    unsigned += 1
+                    if key is not None:
+                        raise TamperedJournalError(
+                            path, offset + pos, seq, "unsigned record in a"
+                            " journal verified with a signing key")
+                if flags & FLAG_QUERY:
+                    queries += 1
+                if flags & FLAG_END:
                     last_end = seq
+                    report.signed += signed
+                    report.unsigned += unsigned
+                    report.queries += queries
+                    signed = unsigned = queries = 0
+                    report.head = chain
                     del held[:]
                     if seq + 1 >= stop:
                         return seq + 1
                 else:
                     held.append(make(Entry, (seq, t, flags, version, "", b"",
-                                             offset + pos, n + 12)))
+                                             offset + pos, n + 12, prev,
+                                             None, None)))
                 pos = end + 4
                 expected += 1
                 continue
@@ -896,10 +1106,11 @@ def _scan(f, path, base, expected, start, stop, lenient_tail, report,
             if name is None:
                 name = names[raw] = raw.decode("utf-8", "replace")
             entry = make(Entry, (seq, t, flags, version, name,
-                                 buf[name_at + k:end], offset + pos, n + 12))
+                                 buf[at:stop_at], offset + pos, n + 12,
+                                 prev, meta, mac))
             pos = end + 4
             expected += 1
-            if not flags:
+            if not flags & FLAG_END:
                 held.append(entry)
                 continue
             if held:
@@ -979,23 +1190,38 @@ def _bad_tail(f, path, buf, pos, offset, expected, err, lenient_tail,
 
 
 def _checked(items):
-    """Encode names, refusing records a reader would not believe.
+    """Encode names and metadata, refusing records a reader would not
+    believe.
 
     A reader rejects a name over MAX_NAME_SIZE or a body over
     MAX_BODY_SIZE as damage; writing one would turn an acknowledged
     command into a "torn tail" at the next open.
     """
     out = []
-    for seq, t, version, name, payload in items:
+    for item in items:
+        if len(item) == 5:
+            seq, t, version, name, payload = item
+            flags, meta = 0, None
+        else:
+            seq, t, version, name, payload, flags, meta = item
+            if flags & ~FLAG_QUERY:
+                raise ValueError("flags may only hold FLAG_QUERY, not %#x"
+                                 % flags)
+            if meta is not None and not isinstance(meta, bytes):
+                try:
+                    meta = encode_meta(meta)
+                except ValueError as e:
+                    raise EncodeError("command %s: %s" % (name, e)) from e
         raw = name.encode("utf-8")
         if len(raw) > MAX_NAME_SIZE:
             raise EncodeError("command name of %d bytes is longer than %d"
                               % (len(raw), MAX_NAME_SIZE))
-        if BODY_HEAD_SIZE + len(raw) + len(payload) > MAX_BODY_SIZE:
+        extra = MAC_SIZE + (0 if meta is None else 4 + len(meta))
+        if BODY_HEAD_SIZE + len(raw) + len(payload) + extra > MAX_BODY_SIZE:
             raise EncodeError("command %s: arguments of %d bytes exceed the"
                               " record limit of %d bytes"
                               % (name, len(payload), MAX_BODY_SIZE))
-        out.append((seq, t, version, raw, payload))
+        out.append((seq, t, version, raw, payload, flags, meta))
     return out
 
 

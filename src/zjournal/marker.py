@@ -9,15 +9,26 @@ detection serializes them: the journal order is a serial order.
 """
 import persistent
 
+from zjournal.format import GENESIS
+
 MARKER_KEY = "zjournal.marker"
 
 
 class Marker(persistent.Persistent):
-    """Identity of the journal and the last sequence number applied."""
+    """Identity of the journal, the last sequence number applied, and the
+    chain hash of that record (``head``).
 
-    def __init__(self, journal_id, last_seq=0):
+    ``head`` pins the journal's history: a journal whose record
+    ``last_seq`` hashes to anything else is not the one this ZODB was
+    built from, whatever its identity says.
+    """
+
+    head = None  # markers written before the hash chain existed
+
+    def __init__(self, journal_id, last_seq=0, head=GENESIS):
         self.journal_id = journal_id
         self.last_seq = last_seq
+        self.head = head
 
     def __repr__(self):
         return "<zjournal Marker journal=%s last_seq=%d>" % (

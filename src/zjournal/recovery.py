@@ -31,10 +31,12 @@ import transaction
 from zjournal import commands
 from zjournal import faults
 from zjournal.errors import CommandError
+from zjournal.errors import HistoryMismatchError
 from zjournal.errors import NotJournaledError
 from zjournal.errors import ReplayError
 from zjournal.errors import WrongJournalError
 from zjournal.errors import ZODBAheadError
+from zjournal.format import FLAG_QUERY
 from zjournal.marker import MARKER_KEY
 from zjournal.marker import Marker
 
@@ -45,12 +47,15 @@ class Recovery:
     """What :func:`recover` found and did."""
 
     def __init__(self, action, marker_seq, journal_seq, replayed=0,
-                 seconds=0.0):
+                 seconds=0.0, skipped=()):
         self.action = action          # "initialized", "rebuilt", ...
         self.marker_seq = marker_seq  # M before recovery (None: no marker)
         self.journal_seq = journal_seq
-        self.replayed = replayed
+        self.replayed = replayed      # entries applied or passed over
         self.seconds = seconds
+        # (seq, command name, reason) of entries a forensic rebuild
+        # skipped because this code cannot decode them.
+        self.skipped = list(skipped)
 
     def __repr__(self):
         return "<Recovery %s marker=%s journal=%d replayed=%d>" % (
@@ -144,7 +149,8 @@ def recover(db, journal, batch_size=1000, progress=None):
             action, start = "caught up", found + 1
         logger.info("%s: replaying seq %d..%d of journal %s into the ZODB",
                     action, start, last, journal.path)
-        check_replayable(journal.entries(start, last + 1))
+        check_replayable(journal.entries(start, last + 1),
+                         marker.head if found else None)
         n = replay(tm, conn, journal.entries(start, last + 1),
                    batch_size=batch_size, progress=progress,
                    total=last - start + 1)
@@ -154,13 +160,18 @@ def recover(db, journal, batch_size=1000, progress=None):
 
 
 def rebuild(db, journal, until_seq=None, until_time=None, batch_size=1000,
-            progress=None):
+            progress=None, skip_unknown=False):
     """Replay ``journal`` into the empty ZODB ``db``; return a Recovery.
 
     ``until_seq`` (inclusive) or ``until_time`` (seconds since the
     epoch, or an aware ``datetime``; inclusive) stop the replay early:
     the result is the state right after that command, with a marker
     saying so.  ``journal`` may be read-only.
+
+    ``skip_unknown`` is for forensics: entries this code cannot decode
+    (an unknown name or version, hostile or damaged arguments) are passed
+    over instead of stopping the rebuild, and listed in the result's
+    ``skipped``.  The result is not the state the journal describes.
     """
     began = time.perf_counter()
     last = journal.last_seq if until_seq is None else min(
@@ -184,16 +195,21 @@ def rebuild(db, journal, until_seq=None, until_time=None, batch_size=1000,
         elif until_time is not None:
             entries = itertools.takewhile(
                 lambda entry: entry.time <= until_time, entries)
+        skipped = [] if skip_unknown else None
         n = replay(tm, conn, entries, batch_size=batch_size,
-                   progress=progress, total=last)
+                   progress=progress, total=last, skipped=skipped)
         if n == 0:
             tm.commit()
     seconds = time.perf_counter() - began
     logger.info("rebuilt %d commands in %.2fs", n, seconds)
-    return Recovery("rebuilt", None, journal.last_seq, n, seconds)
+    if skipped:
+        logger.warning("rebuild skipped %d entries it could not decode",
+                       len(skipped))
+    return Recovery("rebuilt", None, journal.last_seq, n, seconds,
+                    skipped or ())
 
 
-def check_replayable(entries):
+def check_replayable(entries, head=None):
     """Refuse, before the ZODB is touched, entries this code cannot decode.
 
     An unknown command name or a version without an upcaster is a gap in
@@ -202,9 +218,25 @@ def check_replayable(entries):
     looking only at names and versions (payloads were checked to decode
     when they were written), and reads through the journal's framing
     checks, so damage is found before anything changes too.
+
+    ``head``, the chain hash the ZODB marker stores, must be the first
+    entry's ``prev``: otherwise the journal is not the history the ZODB
+    was built from.
     """
     known = set()
     for entry in entries:
+        if head is not None:
+            if entry.prev != head:
+                raise HistoryMismatchError(
+                    "seq %d of the journal does not follow the record the"
+                    " ZODB applied last (seq %d): the chain hash differs, so"
+                    " the journal was edited or replaced by another history."
+                    " Nothing was changed; run zodb-journal verify, and"
+                    " rebuild from the journal you trust"
+                    % (entry.seq, entry.seq - 1))
+            head = None
+        if entry.flags & FLAG_QUERY:
+            continue
         key = (entry.command_name, entry.version)
         if key in known:
             continue
@@ -246,9 +278,20 @@ def _check_marker(marker, journal):
             " commands are lost"
             % (marker.last_seq, journal.path, journal.last_seq,
                marker.last_seq - journal.last_seq))
+    head = getattr(journal, "head", None)
+    if (marker.last_seq == journal.last_seq and marker.head is not None
+            and head is not None and marker.head != head):
+        raise HistoryMismatchError(
+            "journal %s ends at seq %d, as the ZODB does, but its last"
+            " record is not the one the ZODB applied (the chain hash"
+            " differs): the journal was edited or replaced by another"
+            " history. Nothing was changed; run zodb-journal verify, and"
+            " rebuild from the journal you trust" % (journal.path,
+                                                    journal.last_seq))
 
 
-def replay(tm, conn, entries, batch_size=1000, progress=None, total=None):
+def replay(tm, conn, entries, batch_size=1000, progress=None, total=None,
+           skipped=None):
     """Execute journal ``entries`` against ``conn``'s root, in batches.
 
     The root must hold a marker.  Each batch is one ZODB transaction that
@@ -257,7 +300,10 @@ def replay(tm, conn, entries, batch_size=1000, progress=None, total=None):
 
     ``entries`` are :class:`~zjournal.journal.Entry` tuples.  The loop
     looks each command class up once per name, not once per entry: it
-    runs once per command in the journal.
+    runs once per command in the journal.  Queries are passed over.  With
+    a ``skipped`` list, entries that cannot be decoded are passed over
+    and listed there as ``(seq, name, reason)`` instead of stopping the
+    replay.
     """
     if progress is None:
         progress = Progress()
@@ -268,30 +314,41 @@ def replay(tm, conn, entries, batch_size=1000, progress=None, total=None):
     n = 0
     in_batch = 0
     last = marker.last_seq
+    entry = None
     try:
         # Entries are (seq, time, flags, version, name, payload, ...)
         # tuples; unpacking them is cheaper than their named fields.
-        for seq, t, _, version, name, payload, _, _ in entries:
+        for entry in entries:
+            seq, t, flags, version, name, payload, _, _, _, _, _ = entry
             if seq != last + 1:
                 raise ReplayError(seq, name, ValueError(
                     "expected seq %d: the journal has a gap" % (last + 1)))
             last = seq
-            try:
-                make = builders.get(name)
-                if make is None:
-                    make = builders[name] = commands.builder(
-                        commands.lookup(name, seq))
-                command = make(version, payload, seq)
-            except CommandError as e:
-                raise ReplayError(seq, name, e) from e
-            try:
-                command.execute(root, Context(seq, t, True))
-            except Exception as e:
-                raise ReplayError(seq, name, e) from e
             n += 1
             in_batch += 1
+            if flags & FLAG_QUERY:
+                pass
+            else:
+                try:
+                    make = builders.get(name)
+                    if make is None:
+                        make = builders[name] = commands.builder(
+                            commands.lookup(name, seq))
+                    command = make(version, payload, seq)
+                except CommandError as e:
+                    if skipped is None:
+                        raise ReplayError(seq, name, e) from e
+                    skipped.append((seq, name, str(e)))
+                    logger.warning("skipped seq %d (%s): %s", seq, name, e)
+                    command = None
+                if command is not None:
+                    try:
+                        command.execute(root, Context(seq, t, True))
+                    except Exception as e:
+                        raise ReplayError(seq, name, e) from e
             if in_batch >= batch_size:
                 marker.last_seq = last
+                marker.head = entry.hash
                 tm.commit()
                 faults.point("replay.after-commit")
                 conn.cacheGC()
@@ -299,6 +356,7 @@ def replay(tm, conn, entries, batch_size=1000, progress=None, total=None):
                 progress(n, total)
         if in_batch:
             marker.last_seq = last
+            marker.head = entry.hash
             tm.commit()
             progress(n, total)
     except BaseException:

@@ -25,6 +25,7 @@ import uuid
 
 from zjournal.errors import JournalError
 from zjournal.format import FLAG_END
+from zjournal.format import FLAG_QUERY
 from zjournal.format import SEGMENT_HEADER_SIZE
 from zjournal.format import BadRecord
 from zjournal.format import check_record
@@ -218,7 +219,8 @@ def _copy(out, path, txn, report):
     next_seq = out.last_seq + 1
     if txn[0].seq != next_seq and report.renumbered_from is None:
         report.renumbered_from = txn[0].seq
-    out.append([(next_seq + i, r.time, r.version, r.name, r.payload)
+    out.append([(next_seq + i, r.time, r.version, r.name, r.payload,
+                 r.flags & FLAG_QUERY, r.meta)
                 for i, r in enumerate(txn)])
     report.copied += len(txn)
     report.last_source_seq = txn[-1].seq

@@ -88,7 +88,8 @@ class TestProtocol:
                        ["tpc_begin", "commit", "tpc_vote"]):
             dm = _dm(jdb)
             dm.pending.append((jdb.journal.last_seq + 1, 0.0, 1, "tests.put",
-                               b"\x80\x04}\x94."))
+                               b"\x80\x04}\x94.", 0, None))
+            dm.batch = jdb.journal.prepare(dm.pending)
             txn = dm._txn
             for phase in phases:
                 getattr(dm, phase)(txn)

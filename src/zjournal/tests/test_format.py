@@ -6,6 +6,8 @@ documents (offsets, sizes, big-endian integers, CRC-32 ranges), with
 module's own ``Struct`` objects.
 """
 import random
+import hashlib
+import hmac
 import struct
 import zlib
 
@@ -35,13 +37,14 @@ class TestEncodeRecord:
         payload = b"\x00\x01payload\xff"
         seq = 0x0102030405060708
         time = 1700000000.25
+        prev = bytes(range(100, 116))
         rec = fmt.encode_record(seq, time, fmt.FLAG_END, 0x0A0B, name,
-                                payload)
+                                payload, prev)
         k, m = len(name), len(payload)
         # The body runs from offset 8 to 8+n: seq (8) + time (8) + flags (1)
-        # + reserved (1) + version (2) + k (2) = 22 bytes, then name and
-        # payload.
-        n = 22 + k + m
+        # + reserved (1) + version (2) + k (2) + prev (16) = 38 bytes, then
+        # name and payload.
+        n = 38 + k + m
         assert _be("I", rec, 4) == n
         assert len(rec) == 8 + n + 4
         assert _be("I", rec, 0) == zlib.crc32(rec[4:8 + n])
@@ -52,9 +55,54 @@ class TestEncodeRecord:
         assert rec[25] == 0
         assert _be("H", rec, 26) == 0x0A0B
         assert _be("H", rec, 28) == k
-        assert rec[30:30 + k] == name
-        assert rec[30 + k:8 + n] == payload
+        assert rec[30:46] == prev
+        assert rec[46:46 + k] == name
+        assert rec[46 + k:8 + n] == payload
         assert _be("I", rec, 8 + n) == n
+
+    def test_metadata_and_signature_at_documented_offsets(self):
+        key = b"secret"
+        meta = fmt.encode_meta({"user": "alice", "why": "test"})
+        assert meta == b'{"user":"alice","why":"test"}'
+        rec = fmt.encode_record(1, 2.0, fmt.FLAG_END | fmt.FLAG_QUERY, 1,
+                                b"q", b"args", fmt.GENESIS, meta, key)
+        n = _be("I", rec, 4)
+        assert rec[24] == (fmt.FLAG_END | fmt.FLAG_QUERY | fmt.FLAG_META
+                           | fmt.FLAG_MAC)
+        assert _be("I", rec, 47) == len(meta)
+        assert rec[51:51 + len(meta)] == meta
+        assert rec[51 + len(meta):8 + n - 16] == b"args"
+        mac = rec[8 + n - 16:8 + n]
+        assert mac == hmac.digest(key, rec[4:8 + n - 16], "sha256")[:16]
+        assert fmt.check_record(rec, 0) == len(rec)
+        got = fmt.decode_record(rec, 0, {})
+        assert (got.payload, got.meta, got.mac) == (b"args", meta, mac)
+        assert got.encoded() == rec
+
+    def test_metadata_that_does_not_fit_is_refused(self):
+        rec = bytearray(fmt.encode_record(1, 2.0, fmt.FLAG_END, 1, b"q",
+                                          b"args", meta=b"{}"))
+        struct.pack_into(">I", rec, 47, 7)  # claims more than the body has
+        struct.pack_into(">I", rec, 0, zlib.crc32(rec[4:-4]))
+        with pytest.raises(fmt.BadRecord):
+            fmt.check_record(bytes(rec), 0)
+
+    def test_chain_hash_covers_the_body_and_prev(self):
+        rec = fmt.encode_record(1, 2.0, fmt.FLAG_END, 1, b"q", b"args")
+        assert fmt.record_hash(rec) == hashlib.blake2b(
+            rec[4:-4], digest_size=16).digest()
+        other = fmt.encode_record(1, 2.0, fmt.FLAG_END, 1, b"q", b"args",
+                                  b"\x01" * 16)
+        assert fmt.record_hash(other) != fmt.record_hash(rec)
+
+    def test_encode_chain_links_each_record_to_the_one_before(self):
+        items = [(1, 1.0, 1, b"a", b"x"), (2, 2.0, 1, b"b", b"y")]
+        data, head = fmt.encode_chain(items, b"\x07" * 16)
+        first = data[:fmt.check_record(data, 0)]
+        second = data[len(first):]
+        assert first[30:46] == b"\x07" * 16
+        assert second[30:46] == fmt.record_hash(first)
+        assert head == fmt.record_hash(second)
 
     def test_crc_covers_length_and_body_exactly(self):
         rec = _record()
@@ -72,8 +120,8 @@ class TestEncodeRecord:
 
     def test_empty_name_and_payload_is_smallest_record(self):
         rec = fmt.encode_record(1, 0.0, fmt.FLAG_END, 0, b"", b"")
-        assert len(rec) == 30 + 4
-        assert _be("I", rec, 4) == 22
+        assert len(rec) == 46 + 4
+        assert _be("I", rec, 4) == 38
         assert fmt.check_record(rec, 0) == len(rec)
 
     def test_size_grows_with_name_and_payload(self):
@@ -148,7 +196,10 @@ class TestCheckRecord:
                 fmt.check_record(bytes(damaged) + tail, 0)
 
     def test_unknown_flags_rejected_even_with_valid_crc(self):
-        rec = fmt.encode_record(1, 0.0, 0x02, 0, b"x", b"")
+        rec = bytearray(fmt.encode_record(1, 0.0, 0, 0, b"x", b""))
+        rec[24] = 0x10
+        struct.pack_into(">I", rec, 0, zlib.crc32(bytes(rec[4:-4])))
+        rec = bytes(rec)
         with pytest.raises(fmt.BadRecord) as info:
             fmt.check_record(rec, 0)
         assert not info.value.truncated
@@ -247,9 +298,9 @@ class TestEncodeTransaction:
 
     def test_same_bytes_as_records(self):
         items = [(1, 1.0, 0, b"a", b"x"), (2, 2.0, 3, b"b", b"yy")]
-        assert fmt.encode_transaction(items) == (
-            fmt.encode_record(1, 1.0, 0, 0, b"a", b"x")
-            + fmt.encode_record(2, 2.0, fmt.FLAG_END, 3, b"b", b"yy"))
+        first = fmt.encode_record(1, 1.0, 0, 0, b"a", b"x")
+        assert fmt.encode_transaction(items) == first + fmt.encode_record(
+            2, 2.0, fmt.FLAG_END, 3, b"b", b"yy", fmt.record_hash(first))
 
 
 class TestSegmentHeader:
@@ -259,7 +310,7 @@ class TestSegmentHeader:
         h = fmt.encode_header(IDENTITY, 0x0102030405060708, created)
         assert len(h) == 48
         assert h[0:8] == b"ZJOURNAL"
-        assert _be("H", h, 8) == 1
+        assert _be("H", h, 8) == 2
         assert _be("H", h, 10) == 48
         assert h[12:28] == IDENTITY
         assert h[28:36] == bytes([1, 2, 3, 4, 5, 6, 7, 8])
@@ -270,7 +321,7 @@ class TestSegmentHeader:
         h = fmt.encode_header(IDENTITY, 48211, 12.75)
         d = fmt.decode_header(h, "seg")
         assert (d.version, d.size, d.identity, d.first_seq, d.created) == (
-            1, 48, IDENTITY, 48211, 12.75)
+            2, 48, IDENTITY, 48211, 12.75)
 
     def test_round_trip_ignores_following_bytes(self):
         h = fmt.encode_header(IDENTITY, 3, 1.0) + _record()
@@ -305,7 +356,7 @@ class TestDecodeHeader:
 
     def test_unsupported_version(self):
         h = self._header()
-        struct.pack_into(">H", h, 8, 2)
+        struct.pack_into(">H", h, 8, 3)
         with pytest.raises(UnsupportedFormatError) as info:
             fmt.decode_header(self._fix_crc(h), "/j/seg.zjl")
         assert not isinstance(info.value, CorruptJournalError)
@@ -314,7 +365,7 @@ class TestDecodeHeader:
     def test_unsupported_version_with_bad_crc_is_corruption(self):
         # A damaged version field must not be taken for a newer format.
         h = self._header()
-        struct.pack_into(">H", h, 8, 2)
+        struct.pack_into(">H", h, 8, 3)
         with pytest.raises(CorruptJournalError):
             fmt.decode_header(bytes(h), "seg")
 

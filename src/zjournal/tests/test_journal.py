@@ -76,9 +76,15 @@ def _fill(journal, count, per_txn=1):
         journal.append(_items(journal.last_seq + 1, per_txn))
 
 
-def _encoded(items):
+def _encoded(items, prev=fmt.GENESIS):
+    """The bytes of one transaction, chained after ``prev``."""
     return fmt.encode_transaction(
-        [(s, t, v, n.encode("utf-8"), p) for s, t, v, n, p in items])
+        [(s, t, v, n.encode("utf-8"), p) for s, t, v, n, p in items], prev)
+
+
+def _head(data):
+    """The chain hash of the last record in ``data`` (whole records)."""
+    return fmt.record_hash(data[_records(data, 0)[-1][0]:])
 
 
 def _segment(path, first_seq=1):
@@ -272,7 +278,8 @@ class TestAppend:
         j.append(second)
         j.close()
         data = _read(_segment(tmp_path))
-        assert data[HEADER:] == _encoded(first) + _encoded(second)
+        one = _encoded(first)
+        assert data[HEADER:] == one + _encoded(second, _head(one))
 
     def test_several_records(self, tmp_path):
         j = _makeOne(tmp_path)
@@ -792,7 +799,7 @@ class TestTornTail:
         # previous record, as a trailing length would be.
         n3 = len(_encoded(_items(3))) - 12
         j.append([(4, _time(4), 0, "tests.put",
-                   b"x" * (n3 + 8 - 22 - len("tests.put")))])
+                   b"x" * (n3 + 8 - fmt.BODY_HEAD_SIZE - len("tests.put")))])
         j.close()
         seg = _segment(tmp_path)
         original = _read(seg)
@@ -1486,7 +1493,8 @@ class TestFailStop:
         try:
             assert j.last_seq == 3
             assert _read(seg) == before
-            assert _read(j.torn_tail.saved_as) == _encoded(_items(4))[:20]
+            assert _read(j.torn_tail.saved_as) == _encoded(
+                _items(4), _head(before[HEADER:]))[:20]
             _fill(j, 1)
             assert _seqs(j) == [1, 2, 3, 4]
         finally:

@@ -125,7 +125,7 @@ def _item(seq):
     return (seq, 1700000000.0 + seq * 0.25, 0, "tests.put", _payload(seq))
 
 
-def _build(path, sizes, segment_size=300):
+def _build(path, sizes, segment_size=380):
     """A journal of transactions of ``sizes`` records; its segment paths."""
     j = FileJournal(str(path), fsync="never", segment_size=segment_size)
     try:
@@ -316,7 +316,7 @@ def test_rebuild_does_not_stop_quietly_at_a_misplaced_record(tmp_path):
     takes ``..., 28, 30`` for a write in progress rebuilds 28 commands of
     30 and reports success."""
     jdir = tmp_path / "journal"
-    j = FileJournal(str(jdir), fsync="never", segment_size=300)
+    j = FileJournal(str(jdir), fsync="never", segment_size=380)
     try:
         for seq in range(1, SURGERY_RECORDS + 1):
             j.append([(seq, 1700000000.0 + seq, Put.command_version,
