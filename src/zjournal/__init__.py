@@ -7,6 +7,7 @@ rebuilt at any time by replaying the journal.
 from zjournal.codec import register_type
 from zjournal.commands import Command
 from zjournal.commands import Context
+from zjournal.commands import upcaster
 from zjournal.db import JournaledDB
 from zjournal.db import execute
 from zjournal.db import query
@@ -42,7 +43,7 @@ from zjournal.marker import MARKER_KEY
 
 __all__ = [
     "Command", "Context", "FileJournal", "JournaledDB", "MARKER_KEY",
-    "execute", "query", "register_type",
+    "execute", "query", "register_type", "upcaster",
     "ZJournalError", "JournalError", "CorruptJournalError",
     "JournalLockedError", "JournalFailedError", "JournalWriteError",
     "JournalSequenceError", "OutcomeUnknownError", "ReadOnlyJournalError",

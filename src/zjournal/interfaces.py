@@ -16,6 +16,11 @@ class ICommand(Interface):
         "Stable name stored in the journal; default '<module>.<qualname>'.")
     command_version = Attribute(
         "Version of the argument layout, for upcasting old entries.")
+    command_aliases = Attribute(
+        "Former names the class still answers to in the journal.")
+    command_retired = Attribute(
+        "True (or what replaces it) for a command kept only to replay old"
+        " entries: executing it is refused.")
 
     def execute(root, context):
         """Apply the change to the ZODB root mapping and return a result.

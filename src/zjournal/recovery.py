@@ -242,10 +242,7 @@ def check_replayable(entries, head=None):
             continue
         try:
             cls = commands.lookup(entry.command_name, entry.seq)
-            default = commands.Command.upcast.__func__
-            if (entry.version != cls.command_version
-                    and cls.upcast.__func__ is default):
-                cls.upcast(entry.version, {})  # raises: no upcaster
+            commands.check_version(cls, entry.version, entry.seq)
         except CommandError as e:
             raise ReplayError(entry.seq, entry.command_name, e) from e
         known.add(key)
