@@ -3,41 +3,64 @@
 Usage::
 
     zodb-journal info JOURNAL [--json]
-    zodb-journal verify JOURNAL [--decode]
+    zodb-journal verify JOURNAL [--decode] [--zodb PATH_OR_URI]
+                        [--hmac-key-env VAR]
     zodb-journal dump JOURNAL [--start N] [--stop N] [--json] [--import M]
+    zodb-journal stats JOURNAL [--json] [--since SEQ_OR_ISOTIME]
+                       [--until SEQ_OR_ISOTIME] [--by command|hour|day|user]
     zodb-journal rebuild JOURNAL --zodb PATH_OR_URI --import MODULE ...
                          [--until SEQ_OR_ISOTIME] [--batch-size N]
+                         [--skip-unknown]
+    zodb-journal export JOURNAL [--format jsonl] [--output FILE|-]
+                        [--start N] [--stop N] [--import M]
+    zodb-journal import FILE JOURNAL_DIR [--hmac-key-env VAR] [--import M]
     zodb-journal salvage SRC DST [--json]
     zodb-journal demo [--dir DIR] [--commands N]
 
 ``JOURNAL`` is a journal directory or a ``file://`` URI.  Every subcommand
-but ``demo`` opens the journal read-only: it takes no lock, so it works
-beside a running application, and it never changes a byte of the journal.
+but ``demo`` and ``import`` opens the journal read-only: it takes no lock,
+so it works beside a running application, and it never changes a byte of
+the journal.
 
-``verify`` reads every record and checks its checksum, framing and
-sequence number; it prints nothing alarming and exits 0 when all is well.
+``verify`` reads every record and checks its checksum, framing, sequence
+number and chain hash (and signature, given the key); it prints nothing
+alarming and exits 0 when all is well.  With ``--zodb`` it also checks
+that the ZODB's marker belongs to this journal and to this history.
 ``rebuild`` replays the journal into a new, empty ZODB (it refuses a
 non-empty one), committing in batches, showing progress on a terminal and
 logging it otherwise; ``--until`` stops after a sequence number, or after
 the last command executed at or before an ISO 8601 time (UTC unless the
 time says otherwise).
 
+``stats`` counts entries, transactions, bytes and rates by command, user,
+hour or day, reading names, times and sizes only.  ``export`` writes the
+records as JSON lines; ``import`` turns such a file back into a journal of
+identical records, after checking every line (see :mod:`zjournal.export`).
+
 ``salvage`` copies every intact transaction of a damaged journal SRC into
 a new journal DST and lists what it dropped (file, offset, sequence
 numbers); SRC is only read.  See :mod:`zjournal.salvage` for what the copy
 is and is not.
 
-Exit status: 0 success; 1 the journal failed verification, or zjournal
-refused (the message says why and what to do); 2 bad usage.
+Exit status: 0 success; 1 the journal failed verification, did not match
+the ZODB, or zjournal refused (the message says why and what to do); 2 bad
+usage.
 """
 import argparse
+import contextlib
 import datetime
 import importlib
+import io
 import json
 import logging
 import os
 import sys
 import urllib.parse
+
+from zjournal.export import iso
+from zjournal.export import jsonable
+from zjournal.journal import HMAC_KEY_ENV
+from zjournal.stats import GROUPINGS
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -60,6 +83,12 @@ def main(argv=None):
     from zjournal.errors import ZJournalError
     try:
         return args.run(args)
+    except BrokenPipeError:
+        # The reader of our output went away (``| head``): not an error
+        # worth a message.  Point stdout at nothing so that the final
+        # flush does not fail again.
+        _silence_stdout()
+        return EXIT_FAILURE
     except (ZJournalError, CLIError, OSError, ImportError) as e:
         logger.debug("failed", exc_info=True)
         print("zodb-journal %s: error: %s" % (args.subcommand, e),
@@ -68,6 +97,19 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("zodb-journal: interrupted", file=sys.stderr)
         return 130
+
+
+def _silence_stdout():
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        return
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, io.UnsupportedOperation):
+        pass
+    finally:
+        os.close(devnull)
 
 
 def _parser():
@@ -88,6 +130,11 @@ def _parser():
     p.add_argument("journal", metavar="JOURNAL")
     p.add_argument("--decode", action="store_true",
                    help="also decode every payload (safe: no code runs)")
+    p.add_argument("--zodb", metavar="PATH_OR_URI",
+                   help="also check that this ZODB (opened read-only) was"
+                        " built from this journal and this history")
+    _key_option(p, "check record signatures with the key in environment"
+                   " variable VAR (default: %s, when set)" % HMAC_KEY_ENV)
     p.set_defaults(run=cmd_verify)
 
     p = sub.add_parser("dump", help="print journal entries")
@@ -101,6 +148,21 @@ def _parser():
     _import_option(p, required=False)
     p.set_defaults(run=cmd_dump)
 
+    p = sub.add_parser("stats", help="count commands, transactions, bytes"
+                       " and rates, by command, hour, day or user")
+    p.add_argument("journal", metavar="JOURNAL")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object")
+    p.add_argument("--since", metavar="SEQ_OR_ISOTIME",
+                   help="count from this seq, or from this time on")
+    p.add_argument("--until", metavar="SEQ_OR_ISOTIME",
+                   help="count up to this seq, or up to this time"
+                        " (inclusive)")
+    p.add_argument("--by", choices=GROUPINGS, default="command",
+                   help="group by command name (default), UTC hour or day,"
+                        " or the user in the records' metadata")
+    p.set_defaults(run=cmd_stats)
+
     p = sub.add_parser("rebuild", help="replay a journal into an empty ZODB")
     p.add_argument("journal", metavar="JOURNAL")
     p.add_argument("--zodb", required=True, metavar="PATH_OR_URI",
@@ -111,7 +173,43 @@ def _parser():
                         " executed at or before this time")
     p.add_argument("--batch-size", type=int, default=1000, metavar="N",
                    help="commands per ZODB commit (default 1000)")
+    p.add_argument("--skip-unknown", action="store_true",
+                   help="forensics only: skip entries whose command is"
+                        " unknown or undecodable instead of stopping, and"
+                        " list them; the result is NOT the journal's state"
+                        " (exit status 0, with a warning)")
     p.set_defaults(run=cmd_rebuild)
+
+    p = sub.add_parser("export", help="write a journal's records as JSON"
+                       " lines")
+    p.add_argument("journal", metavar="JOURNAL")
+    p.add_argument("--format", choices=["jsonl"], default="jsonl",
+                   help="jsonl (the default and only format): a header"
+                        " line, one line per record, an end line")
+    p.add_argument("--output", "-o", default="-", metavar="FILE",
+                   help="write here (replaced only once the export is"
+                        " complete); - for standard output (the default)")
+    p.add_argument("--start", type=int, default=1, metavar="N",
+                   help="first seq to export (default 1; import takes only"
+                        " exports from seq 1)")
+    p.add_argument("--stop", type=int, default=None, metavar="N",
+                   help="export seqs below N (exclusive, as in range)")
+    _import_option(p, required=False)
+    p.set_defaults(run=cmd_export)
+
+    p = sub.add_parser("import", help="create a journal from an export,"
+                       " checking every record")
+    p.add_argument("source", metavar="FILE",
+                   help="an export of zodb-journal export; - for standard"
+                        " input")
+    p.add_argument("target", metavar="JOURNAL_DIR",
+                   help="directory for the new journal (must not exist or"
+                        " be empty)")
+    _key_option(p, "sign the records with the key in environment variable"
+                   " VAR, as the original journal's were (default: %s, when"
+                   " set)" % HMAC_KEY_ENV)
+    _import_option(p, required=False)
+    p.set_defaults(run=cmd_import)
 
     p = sub.add_parser("salvage", help="copy the intact transactions of a"
                        " damaged journal into a new one")
@@ -139,6 +237,10 @@ def _import_option(p, required):
                    help="module defining command classes (repeatable)")
 
 
+def _key_option(p, help):
+    p.add_argument("--hmac-key-env", metavar="VAR", help=help)
+
+
 # -- helpers -------------------------------------------------------------
 
 def _journal_path(spec):
@@ -152,10 +254,22 @@ def _journal_path(spec):
     return spec
 
 
-def open_journal(spec):
+def open_journal(spec, hmac_key=None):
     """Open a journal read-only from a directory path or a URI."""
     from zjournal.journal import FileJournal
-    return FileJournal(_journal_path(spec), readonly=True)
+    return FileJournal(_journal_path(spec), readonly=True, hmac_key=hmac_key)
+
+
+def hmac_key(var):
+    """The key in environment variable ``var``; None without ``var``
+    (FileJournal then reads ZJOURNAL_HMAC_KEY itself)."""
+    if var is None:
+        return None
+    key = os.environ.get(var)
+    if not key:
+        raise CLIError("--hmac-key-env: environment variable %s is not set"
+                       " or empty" % var)
+    return key
 
 
 def import_modules(names):
@@ -168,13 +282,12 @@ def import_modules(names):
             raise CLIError("cannot import %s: %s" % (name, e)) from e
 
 
-def iso(t):
-    return datetime.datetime.fromtimestamp(
-        t, datetime.timezone.utc).isoformat().replace("+00:00", "Z")
+def parse_until(text, option="--until"):
+    """Return ``(seq, None)`` or ``(None, aware_datetime)``.
 
-
-def parse_until(text):
-    """Return ``(seq, None)`` or ``(None, aware_datetime)``."""
+    Parses ``--until`` (and ``--since``): a sequence number, or an ISO
+    8601 time, UTC unless it says otherwise.
+    """
     if text is None:
         return None, None
     if text.isdigit():
@@ -182,26 +295,11 @@ def parse_until(text):
     try:
         when = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
-        raise CLIError("--until takes a sequence number or an ISO 8601 time,"
-                       " not %r" % text) from None
+        raise CLIError("%s takes a sequence number or an ISO 8601 time,"
+                       " not %r" % (option, text)) from None
     if when.tzinfo is None:
         when = when.replace(tzinfo=datetime.timezone.utc)
     return None, when
-
-
-def jsonable(value):
-    """Command arguments as JSON can carry them."""
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return [jsonable(v) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, (datetime.date, datetime.time)):
-        return value.isoformat()
-    if isinstance(value, (bytes, bytearray)):
-        return value.decode("latin-1")
-    return str(value)
 
 
 # -- subcommands ---------------------------------------------------------
@@ -230,37 +328,148 @@ def cmd_info(args):
 def cmd_verify(args):
     from zjournal.errors import CorruptJournalError
     from zjournal.errors import DecodeError
+    from zjournal.errors import JournalKeyError
     from zjournal.journal import writer_active
-    with open_journal(args.journal) as journal:
+    with open_journal(args.journal, hmac_key(args.hmac_key_env)) as journal:
         try:
             report = journal.verify()
             if args.decode:
                 for entry in journal.entries(1, report.last_seq + 1):
                     entry.args
-        except (CorruptJournalError, DecodeError) as e:
+        except (CorruptJournalError, DecodeError, JournalKeyError) as e:
             print("FAILED: %s" % e)
             return EXIT_FAILURE
         busy = writer_active(journal.path)
+        zodb = None if args.zodb is None else check_zodb(
+            args.zodb, journal, report)
     rate = report.records / max(report.seconds, 1e-9)
     print("%s: %s records in %d segment(s), %s bytes, seq %s..%d"
           " (%.0f records/s)" % (
               journal.path, format(report.records, ","), report.segments,
               format(report.bytes, ","), report.first_seq or "-",
               report.last_seq, rate))
+    print("chain head %s; %s signed, %s unsigned records" % (
+        report.head.hex(), format(report.signed, ","),
+        format(report.unsigned, ",")))
+    status = EXIT_OK
+    if zodb is not None:
+        ok, text = zodb
+        print(("%s" if ok else "FAILED: %s") % text)
+        status = EXIT_OK if ok else EXIT_FAILURE
     torn = report.torn_tail
     if torn is None:
-        print("OK")
-        return EXIT_OK
+        if status == EXIT_OK:
+            print("OK")
+        return status
     if busy:
         print("OK; %d bytes at %s:%d are a write in progress (a writer is"
               " active)" % (torn.size, torn.path, torn.offset))
-        return EXIT_OK
+        return status
     print("FAILED: incomplete tail of %d bytes at %s:%d (%s); no valid"
           " record follows it, so it is a torn write that was never"
           " acknowledged: the next writer to open the journal cuts it and"
           " keeps the bytes aside" % (torn.size, torn.path, torn.offset,
                                       torn.reason))
     return EXIT_FAILURE
+
+
+def check_zodb(spec, journal, report):
+    """Compare a ZODB's marker with a verified journal.
+
+    Returns ``(ok, message)``.  The marker's ``head`` is the chain hash
+    of the last record the ZODB applied: the journal's record at that seq
+    must still hash to it (the next record's ``prev`` says what it hashes
+    to), or the journal's history is not the one the ZODB was built from,
+    whatever its identity says.
+    """
+    marker = read_marker(spec)
+    if marker is None:
+        return False, ("the ZODB %s holds no zjournal marker: it was not"
+                       " built from a journal" % spec)
+    journal_id, applied, head = marker
+    last = report.last_seq
+    where = "the ZODB %s" % spec
+    if journal_id != journal.identity:
+        return False, ("%s was built from journal %s, not from this one (%s)"
+                       % (where, journal_id, journal.identity))
+    if applied > last:
+        return False, ("%s has applied commands up to seq %d, but the"
+                       " journal ends at seq %d: %d acknowledged commands"
+                       " are missing from the journal"
+                       % (where, applied, last, applied - last))
+    if head is None:
+        return True, ("%s is at seq %d of %d; its marker predates chain"
+                      " hashes, so only identity and seq were compared"
+                      % (where, applied, last))
+    if applied == last:
+        found = report.head
+    else:
+        found = next(iter(journal.entries(applied + 1, applied + 2))).prev
+    if found != head:
+        return False, (
+            "journal head no longer matches the ZODB: %s applied seq %d"
+            " with chain hash %s, but the journal's record %d hashes to %s;"
+            " the journal was changed, or replaced by another copy, after"
+            " the ZODB applied it" % (where, applied, head.hex(), applied,
+                                      found.hex()))
+    if applied == last:
+        return True, "%s is current: seq %d, chain hash %s" % (
+            where, applied, head.hex())
+    return True, ("%s is at seq %d, behind the journal by %d commands (the"
+                  " chain links: opening it catches up)"
+                  % (where, applied, last - applied))
+
+
+def read_marker(spec):
+    """``(journal_id, last_seq, head)`` of a ZODB's marker, or None.
+
+    The ZODB is opened read-only: checking must not change it.
+    """
+    import ZODB
+    from zjournal.marker import get_marker
+    storage = open_storage_readonly(spec)
+    try:
+        if storage.lastTransaction() == b"\0" * 8:
+            return None  # an empty storage: not even a root
+        db = ZODB.DB(storage)
+    except BaseException:
+        storage.close()
+        raise
+    try:
+        conn = db.open()
+        try:
+            marker = get_marker(conn.root())
+            if marker is None:
+                return None
+            return marker.journal_id, marker.last_seq, marker.head
+        finally:
+            conn.close()
+    finally:
+        db.close()
+
+
+def open_storage_readonly(spec):
+    if "://" not in spec:
+        import ZODB.FileStorage
+        if not os.path.isfile(spec):
+            raise CLIError("no ZODB at %s (no such file)" % spec)
+        return ZODB.FileStorage.FileStorage(spec, read_only=True)
+    try:
+        import zodburi
+    except ImportError:
+        raise CLIError("--zodb URIs need zodburi: pip install"
+                       " 'zjournal[uri]'") from None
+    parts = urllib.parse.urlsplit(spec)
+    query = urllib.parse.parse_qsl(parts.query)
+    if parts.scheme in ("file", "zeo") and "read_only" not in dict(query):
+        query.append(("read_only", "1"))
+        spec = urllib.parse.urlunsplit(
+            parts._replace(query=urllib.parse.urlencode(query)))
+    try:
+        factory, _ = zodburi.resolve_uri(spec)
+        return factory()
+    except (KeyError, ValueError) as e:
+        raise CLIError("cannot open --zodb %s: %s" % (spec, e)) from e
 
 
 def cmd_dump(args):
@@ -271,21 +480,67 @@ def cmd_dump(args):
                 entry_args = entry.args
             except Exception as e:
                 entry_args = {"<undecodable>": str(e)}
+            metadata = entry.metadata
             if args.json:
                 line = json.dumps({
                     "seq": entry.seq, "time": entry.time,
                     "command_name": entry.command_name,
-                    "version": entry.version, "args": jsonable(entry_args)},
+                    "version": entry.version, "args": jsonable(entry_args),
+                    "query": entry.is_query, "metadata": metadata,
+                    "user": entry.user, "description": entry.description},
                     sort_keys=True)
             else:
-                if isinstance(entry_args, dict):
-                    shown = " ".join("%s=%r" % kv
-                                     for kv in sorted(entry_args.items()))
-                else:
-                    shown = repr(entry_args)
-                line = "%d %s %s %s" % (entry.seq, iso(entry.time),
-                                        entry.command_name, shown)
+                line = " ".join([str(entry.seq), iso(entry.time),
+                                 entry.command_name, _shown(entry_args)]
+                                + _who(entry))
             print(line)
+    return EXIT_OK
+
+
+def _shown(entry_args):
+    if isinstance(entry_args, dict):
+        return " ".join("%s=%r" % kv for kv in sorted(entry_args.items()))
+    return repr(entry_args)
+
+
+def _who(entry):
+    """What dump's text line adds after the arguments: query, who, why."""
+    extra = []
+    if entry.is_query or entry.user or entry.description:
+        extra.append("--")
+    if entry.is_query:
+        extra.append("(query)")
+    if entry.user:
+        extra.append("user=%r" % entry.user)
+    if entry.description:
+        extra.append("description=%r" % entry.description)
+    return extra
+
+
+def cmd_stats(args):
+    from zjournal import stats
+    from zjournal.recovery import Progress
+    since_seq, since_time = parse_until(args.since, "--since")
+    until_seq, until_time = parse_until(args.until, "--until")
+    with open_journal(args.journal) as journal:
+        start = max(since_seq or 1, 1)
+        last = journal.last_seq if until_seq is None else min(
+            until_seq, journal.last_seq)
+        progress = Progress("stats", tty=sys.stderr.isatty())
+        try:
+            result = stats.collect(
+                journal.entries(start, last + 1), by=args.by,
+                since=since_time, until=until_time, progress=progress,
+                total=max(last - start + 1, 0))
+        finally:
+            progress.close()
+    report = result.as_dict()
+    report.update(journal=journal.path, identity=journal.identity,
+                  since=args.since, until=args.until)
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        print("\n".join(stats.format_report(report, journal.path)))
     return EXIT_OK
 
 
@@ -303,7 +558,8 @@ def cmd_rebuild(args):
         try:
             result = recovery.rebuild(
                 db, journal, until_seq=until_seq, until_time=until_time,
-                batch_size=args.batch_size, progress=progress)
+                batch_size=args.batch_size, progress=progress,
+                skip_unknown=args.skip_unknown)
             ok = True
         finally:
             progress.close()
@@ -315,6 +571,104 @@ def cmd_rebuild(args):
     print("rebuilt %s from %s: %s commands in %.2fs (%.0f commands/s)"
           % (args.zodb, journal.path, format(result.replayed, ","),
              result.seconds, rate))
+    if args.skip_unknown:
+        _report_skipped(result.skipped, args.zodb)
+    return EXIT_OK
+
+
+def _report_skipped(skipped, target):
+    if not skipped:
+        print("nothing was skipped: %s holds the journal's state" % target)
+        return
+    for seq, name, reason in skipped:
+        print("skipped seq %d (%s): %s" % (seq, name, reason))
+    print("zodb-journal rebuild: WARNING: %d entries were skipped; %s is"
+          " NOT the state the journal describes: use it for forensics"
+          " only, never with the application" % (len(skipped), target),
+          file=sys.stderr)
+
+
+def cmd_export(args):
+    from zjournal.export import export_jsonl
+    from zjournal.recovery import Progress
+    import_modules(args.imports)
+    with open_journal(args.journal) as journal:
+        progress = Progress("export", tty=sys.stderr.isatty())
+        try:
+            if args.output == "-":
+                with _utf8(sys.stdout) as out:
+                    n = export_jsonl(journal, out, args.start, args.stop,
+                                     progress)
+            else:
+                n = _export_to_file(journal, args, progress)
+        finally:
+            progress.close()
+    print("exported %s records of journal %s (%s) to %s" % (
+        format(n, ","), journal.path, journal.identity,
+        "standard output" if args.output == "-" else args.output),
+        file=sys.stderr if args.output == "-" else sys.stdout)
+    return EXIT_OK
+
+
+@contextlib.contextmanager
+def _utf8(stream):
+    """``stream`` as UTF-8 text, whatever the locale says: an export is
+    UTF-8 by definition."""
+    buffer = getattr(stream, "buffer", None)
+    if buffer is None or (stream.encoding or "").lower().replace(
+            "-", "") == "utf8":
+        yield stream
+        stream.flush()
+        return
+    stream.flush()
+    wrapper = io.TextIOWrapper(buffer, encoding="utf-8", newline="\n")
+    try:
+        yield wrapper
+        wrapper.flush()
+    finally:
+        wrapper.detach()  # leave the process's stream open
+
+
+def _export_to_file(journal, args, progress):
+    """Export into a temporary file renamed over ``--output`` at the end:
+    an export that fails leaves no partial file (or the old one)."""
+    from zjournal.export import export_jsonl
+    part = args.output + ".part"
+    try:
+        with open(part, "w", encoding="utf-8", newline="\n") as out:
+            n = export_jsonl(journal, out, args.start, args.stop, progress)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(part, args.output)
+    except BaseException:
+        _remove(part)
+        raise
+    return n
+
+
+def cmd_import(args):
+    from zjournal.export import import_jsonl
+    from zjournal.recovery import Progress
+    key = hmac_key(args.hmac_key_env)
+    import_modules(args.imports)
+    target = _journal_path(args.target)
+    progress = Progress("import", tty=sys.stderr.isatty())
+    try:
+        if args.source == "-":
+            with _utf8(sys.stdin) as lines:
+                report = import_jsonl(lines, target, key, progress)
+        else:
+            with open(args.source, encoding="utf-8") as lines:
+                report = import_jsonl(lines, target, key, progress)
+    except UnicodeDecodeError as e:
+        raise CLIError("%s is not UTF-8 text: %s" % (args.source, e)) from e
+    finally:
+        progress.close()
+    print("imported %s records (%s signed) in %s transactions into %s"
+          " (journal %s, chain head %s)" % (
+              format(report.records, ","), format(report.signed, ","),
+              format(report.transactions, ","), report.path,
+              report.identity, report.head.hex()))
     return EXIT_OK
 
 

@@ -297,7 +297,8 @@ class FileJournal:
     and never modifies a file; a torn tail is then reported, not cut.
 
     ``hmac_key`` (bytes or str; default: the environment variable
-    ``ZJOURNAL_HMAC_KEY`` when set) signs every appended record and makes
+    ``ZJOURNAL_HMAC_KEY`` when set; False: no key, whatever the
+    environment says) signs every appended record and makes
     :meth:`verify` check signatures.  The key is never written to the
     journal.  ``identity`` (a UUID string) names a journal being created,
     for an import that must keep the identity ZODB markers refer to.
@@ -322,6 +323,8 @@ class FileJournal:
             self._io.file_mode = file_mode
         if hmac_key is None:
             hmac_key = os.environ.get(HMAC_KEY_ENV) or None
+        elif hmac_key is False:
+            hmac_key = None
         if isinstance(hmac_key, str):
             hmac_key = hmac_key.encode("utf-8")
         self._key = hmac_key
@@ -854,7 +857,12 @@ class FileJournal:
         The report is a :class:`~zjournal.journal.ScanReport`.
 
         Raises :class:`~zjournal.errors.CorruptJournalError` at the first
-        damage.  A torn tail is reported in ``report.torn_tail``.
+        damage, :class:`~zjournal.errors.TamperedJournalError` (one of
+        them) where the hash chain breaks, and with a key where a
+        signature is wrong or missing.  Records written before signing was
+        turned on are counted in ``report.unsigned``; a journal with a key
+        and no signed record at all fails.  A torn tail is reported in
+        ``report.torn_tail``.
         """
         report = ScanReport()
         began = _time.perf_counter()
@@ -879,6 +887,11 @@ class FileJournal:
                     report.first_seq = first_seq
                 report.last_seq = expected - 1
         report.seconds = _time.perf_counter() - began
+        if self._key is not None and report.records and not report.signed:
+            raise TamperedJournalError(
+                self._segment_path(segs[0]), SEGMENT_HEADER_SIZE, 1,
+                "a signing key was given but every record is unsigned: the"
+                " signatures were stripped, or the journal was never signed")
         return report
 
     def info(self):
@@ -1077,10 +1090,13 @@ def _scan(f, path, base, expected, start, stop, lenient_tail, report,
                             " key")
                 else:
                     unsigned += 1
-                    if key is not None:
+                    if key is not None and signed + report.signed:
+                        # Signing, once on, is never turned off: an
+                        # unsigned record after a signed one had its
+                        # signature stripped.
                         raise TamperedJournalError(
-                            path, offset + pos, seq, "unsigned record in a"
-                            " journal verified with a signing key")
+                            path, offset + pos, seq, "unsigned record after"
+                            " signed ones (a signature was stripped)")
                 if flags & FLAG_QUERY:
                     queries += 1
                 if flags & FLAG_END:

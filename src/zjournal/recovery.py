@@ -336,7 +336,7 @@ def replay(tm, conn, entries, batch_size=1000, progress=None, total=None,
                     if skipped is None:
                         raise ReplayError(seq, name, e) from e
                     skipped.append((seq, name, str(e)))
-                    logger.warning("skipped seq %d (%s): %s", seq, name, e)
+                    logger.info("skipped seq %d (%s): %s", seq, name, e)
                     command = None
                 if command is not None:
                     try:

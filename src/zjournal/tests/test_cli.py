@@ -30,6 +30,7 @@ from zjournal import MARKER_KEY
 from zjournal import demo
 from zjournal import recovery
 from zjournal.format import FLAG_END
+from zjournal.format import FLAG_QUERY
 from zjournal.format import encode_record
 from zjournal.tests import examples
 from zjournal.tests.helpers import snapshot
@@ -225,7 +226,8 @@ def test_console_script_help():
     assert os.access(script, os.X_OK)
     proc = run_process("--help", script=True)
     assert proc.returncode == 0, proc.stderr
-    for name in ("info", "verify", "dump", "rebuild", "demo"):
+    for name in ("info", "verify", "dump", "stats", "rebuild", "export",
+                 "import", "salvage", "demo"):
         assert name in proc.stdout
 
 
@@ -403,8 +405,11 @@ def test_verify_decode_catches_a_payload_outside_the_allow_list(
     # A well-framed record (valid checksum) whose payload names a type
     # that is not allowed: framing is fine, decoding is not.
     payload = pickle.dumps({"key": "bad", "value": OrderedDict(a=1)}, 4)
+    with FileJournal(small.dir, readonly=True) as journal:
+        head = journal.head  # chained after the last record
     append_bytes(segment_paths(small.dir)[-1], encode_record(
-        small.last_seq + 1, time.time(), FLAG_END, 1, b"tests.put", payload))
+        small.last_seq + 1, time.time(), FLAG_END, 1, b"tests.put", payload,
+        prev=head))
     status, out, err = run(capsys, "verify", small.dir)
     assert status == 0, out + err
     status, out, err = run(capsys, "verify", small.dir, "--decode")
@@ -430,6 +435,187 @@ def test_verify_missing_middle_segment(tmp_path, capsys):
     assert status == 1
     assert "FAILED" in out
     assert segments[2] in out
+
+
+def forged_copy(journal, target, change_seq):
+    """A journal with ``journal``'s identity and records, but for the
+    payload of ``change_seq``: another history under the same name."""
+    with FileJournal(journal.dir, readonly=True) as original:
+        entries = list(original.entries())
+    with FileJournal(str(target), fsync="never",
+                     identity=journal.identity) as forged:
+        for e in entries:
+            payload = e.payload
+            if e.seq == change_seq:
+                payload = pickle.dumps({"key": "forged", "value": 0}, 4)
+            forged.append([(e.seq, e.time, e.version, e.name, payload,
+                            e.flags & FLAG_QUERY, e.metadata or None)])
+    return str(target)
+
+
+def set_marker_head(data_fs, head):
+    db = ZODB.DB(ZODB.FileStorage.FileStorage(str(data_fs)))
+    try:
+        with db.transaction() as conn:
+            marker = conn.root()[MARKER_KEY]
+            if head is None:  # a marker written before heads existed
+                marker._p_activate()
+                del marker.__dict__["head"]
+                marker._p_changed = True
+            else:
+                marker.head = head
+    finally:
+        db.close()
+
+
+def test_verify_prints_the_chain_head(shared, capsys):
+    status, out, err = run(capsys, "verify", shared.dir)
+    assert status == 0, err
+    with FileJournal(shared.dir, readonly=True) as journal:
+        head = journal.head
+    assert "chain head %s; 0 signed, %d unsigned records" % (
+        head.hex(), shared.last_seq) in out
+
+
+def test_verify_zodb_current(shared, capsys):
+    before = snapshot(os.path.dirname(shared.data_fs))
+    status, out, err = run(capsys, "verify", shared.dir, "--zodb",
+                           shared.data_fs)
+    assert status == 0, out + err
+    assert "is current: seq %d" % shared.last_seq in out
+    assert out.rstrip().endswith("OK")
+    # opened read-only: not a byte of the ZODB (or the journal) changed
+    assert snapshot(os.path.dirname(shared.data_fs)) == before
+
+
+def test_verify_zodb_behind(shared, tmp_path, capsys):
+    target = tmp_path / "Behind.fs"
+    status, out, err = run(capsys, "rebuild", shared.dir, "--zodb", target,
+                           "--import", EXAMPLES, "--until", 9)
+    assert status == 0, err
+    status, out, err = run(capsys, "verify", shared.dir, "--zodb", target)
+    assert status == 0, out + err
+    assert "at seq 9, behind the journal by %d" % (shared.last_seq - 9) in out
+
+
+def test_verify_zodb_of_another_journal(shared, small, capsys):
+    status, out, err = run(capsys, "verify", shared.dir, "--zodb",
+                           small.data_fs)
+    assert status == 1
+    assert "FAILED" in out
+    assert "built from journal %s, not from this one (%s)" % (
+        small.identity, shared.identity) in out
+
+
+def test_verify_zodb_ahead_of_the_journal(small, tmp_path, capsys):
+    # the first four commands of the same journal: export and import
+    status, out, err = run(capsys, "export", small.dir, "--stop", 5,
+                           "--output", tmp_path / "e.jsonl")
+    assert status == 0, err
+    status, out, err = run(capsys, "import", tmp_path / "e.jsonl",
+                           tmp_path / "prefix")
+    assert status == 0, err
+    status, out, err = run(capsys, "verify", tmp_path / "prefix", "--zodb",
+                           small.data_fs)
+    assert status == 1
+    assert "applied commands up to seq %d, but the journal ends at seq 4" % (
+        small.last_seq) in out
+
+
+def test_verify_zodb_same_seq_other_history(small, tmp_path, capsys):
+    forged = forged_copy(small, tmp_path / "forged", small.last_seq)
+    status, out, err = run(capsys, "verify", forged)
+    assert status == 0, out  # a consistent journal by itself
+    status, out, err = run(capsys, "verify", forged, "--zodb", small.data_fs)
+    assert status == 1
+    assert "FAILED: journal head no longer matches the ZODB" in out
+    assert "record %d hashes to" % small.last_seq in out
+
+
+def test_verify_zodb_behind_other_history(small, tmp_path, capsys):
+    target = tmp_path / "Behind.fs"
+    status, out, err = run(capsys, "rebuild", small.dir, "--zodb", target,
+                           "--import", EXAMPLES, "--until", 3)
+    assert status == 0, err
+    # record 5 differs: the ZODB at seq 3 cannot tell
+    status, out, err = run(capsys, "verify",
+                           forged_copy(small, tmp_path / "later", 5),
+                           "--zodb", target)
+    assert status == 0, out + err
+    # record 3 differs: record 4 does not follow what the ZODB applied
+    status, out, err = run(capsys, "verify",
+                           forged_copy(small, tmp_path / "earlier", 3),
+                           "--zodb", target)
+    assert status == 1
+    assert "journal head no longer matches the ZODB" in out
+    assert "applied seq 3" in out
+
+
+def test_verify_zodb_with_an_old_marker(small, capsys):
+    set_marker_head(small.data_fs, None)
+    status, out, err = run(capsys, "verify", small.dir, "--zodb",
+                           small.data_fs)
+    assert status == 0, out + err
+    assert "predates chain hashes" in out
+    # and a marker head that is wrong is found
+    set_marker_head(small.data_fs, b"\x01" * 16)
+    status, out, err = run(capsys, "verify", small.dir, "--zodb",
+                           small.data_fs)
+    assert status == 1
+    assert "journal head no longer matches the ZODB" in out
+
+
+def test_verify_zodb_without_marker(shared, tmp_path, capsys):
+    plain = tmp_path / "Plain.fs"
+    db = ZODB.DB(ZODB.FileStorage.FileStorage(str(plain)))
+    with db.transaction() as conn:
+        conn.root()["data"] = 1
+    db.close()
+    empty = tmp_path / "Empty.fs"
+    ZODB.FileStorage.FileStorage(str(empty)).close()
+    for target in (plain, empty):
+        status, out, err = run(capsys, "verify", shared.dir, "--zodb",
+                               target)
+        assert status == 1
+        assert "holds no zjournal marker" in out
+    status, out, err = run(capsys, "verify", shared.dir, "--zodb",
+                           tmp_path / "Missing.fs")
+    assert status == 1
+    assert "no ZODB at" in err
+    assert not os.path.exists(str(tmp_path / "Missing.fs"))
+
+
+def test_verify_zodb_uri_in_a_process(shared):
+    proc = run_process("verify", shared.dir, "--zodb",
+                       "file://" + shared.data_fs, script=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "is current" in proc.stdout
+
+
+def test_verify_with_a_signing_key(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("ZJOURNAL_HMAC_KEY", raising=False)
+    journal = Journal(tmp_path, [examples.Put("k%d" % i, i)
+                                 for i in range(4)])
+    with FileJournal(journal.dir, readonly=True) as j:
+        entries = list(j.entries())
+    signed = tmp_path / "signed"
+    with FileJournal(str(signed), fsync="never", hmac_key="k") as j:
+        for e in entries:
+            j.append([(e.seq, e.time, e.version, e.name, e.payload)])
+    monkeypatch.setenv("TEST_KEY", "k")
+    status, out, err = run(capsys, "verify", signed, "--hmac-key-env",
+                           "TEST_KEY")
+    assert status == 0, out + err
+    assert "4 signed, 0 unsigned" in out
+    monkeypatch.setenv("TEST_KEY", "not k")
+    status, out, err = run(capsys, "verify", signed, "--hmac-key-env",
+                           "TEST_KEY")
+    assert status == 1
+    assert "FAILED" in out
+    status, out, err = run(capsys, "verify", signed, "--hmac-key-env",
+                           "TEST_NO_SUCH_KEY")
+    assert status == 1
+    assert "TEST_NO_SUCH_KEY" in err and "not set" in err
 
 
 # -- dump ------------------------------------------------------------------
@@ -511,6 +697,43 @@ def test_dump_missing_import(shared, capsys):
     assert status == 1
     assert "zjournal_no_such_module_xyz" in err
     assert "Traceback" not in err
+
+
+def test_dump_shows_metadata_and_queries(tmp_path, capsys):
+    jdb = open_writer(tmp_path / "journal", tmp_path / "Data.fs")
+    try:
+        jdb.execute(examples.Put("a", 1), metadata={
+            "user": "alice", "description": "opened a", "ticket": 7})
+        jdb.execute(examples.Put("b", 2))
+    finally:
+        jdb.close()
+    status, out, err = run(capsys, "dump", tmp_path / "journal")
+    assert status == 0, err
+    first, second = out.splitlines()
+    assert first.endswith("-- user='alice' description='opened a'")
+    assert "--" not in second
+    status, out, err = run(capsys, "dump", tmp_path / "journal", "--json")
+    assert status == 0, err
+    first, second = [json.loads(l) for l in out.splitlines()]
+    assert (first["user"], first["description"], first["query"]) == (
+        "alice", "opened a", False)
+    assert first["metadata"] == {"user": "alice", "description": "opened a",
+                                 "ticket": 7}
+    assert (second["user"], second["description"], second["metadata"]) == (
+        "", "", {})
+
+
+def test_dump_marks_queries(tmp_path, capsys):
+    path = tmp_path / "journal"
+    with FileJournal(str(path), fsync="never") as journal:
+        journal.append([(1, time.time(), 1, "tests.put",
+                         pickle.dumps({"key": "q", "value": 1}, 4),
+                         FLAG_QUERY, {"user": "auditor"})])
+    status, out, err = run(capsys, "dump", path)
+    assert status == 0, err
+    assert out.rstrip().endswith("-- (query) user='auditor'")
+    status, out, err = run(capsys, "dump", path, "--json")
+    assert json.loads(out)["query"] is True
 
 
 # -- rebuild ---------------------------------------------------------------
@@ -882,6 +1105,73 @@ def test_rebuild_in_a_fresh_process(shared, tmp_path):
                                  shared.last_seq)
 
 
+def append_undecodable(journal):
+    """A well-framed, well-chained tests.put whose arguments name a type
+    outside the allow-list: replay cannot decode it."""
+    payload = pickle.dumps({"key": "bad", "value": OrderedDict(a=1)}, 4)
+    with FileJournal(journal.dir, fsync="never") as writer:
+        writer.append([(journal.last_seq + 1, time.time(), 1, "tests.put",
+                        payload)])
+        writer.append([(journal.last_seq + 2, time.time(), 1, "tests.put",
+                        pickle.dumps({"key": "after", "value": 1}, 4))])
+
+
+def test_rebuild_stops_at_an_undecodable_entry(small, tmp_path, capsys):
+    append_undecodable(small)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    status, out, err = run(capsys, "rebuild", small.dir, "--zodb",
+                           out_dir / "Data.fs", "--import", EXAMPLES)
+    assert status == 1
+    assert "seq %d" % (small.last_seq + 1) in err
+    assert os.listdir(str(out_dir)) == []
+
+
+def test_rebuild_skip_unknown(small, tmp_path, capsys):
+    append_undecodable(small)
+    target = tmp_path / "Forensic.fs"
+    status, out, err = run(capsys, "rebuild", small.dir, "--zodb", target,
+                           "--import", EXAMPLES, "--skip-unknown")
+    assert status == 0, err
+    bad = small.last_seq + 1
+    assert "skipped seq %d (tests.put): " % bad in out
+    assert "WARNING: 1 entries were skipped" in err
+    assert "NOT the state" in err
+    state, _, last_seq = read_zodb(target)
+    # everything but the skipped entry was applied, the one after it too
+    table, counters = small.state
+    assert state == (dict(table, after=1), counters)
+    assert last_seq == small.last_seq + 2
+
+
+def test_rebuild_skip_unknown_with_nothing_to_skip(shared, tmp_path,
+                                                   capsys):
+    target = tmp_path / "Data.fs"
+    status, out, err = run(capsys, "rebuild", shared.dir, "--zodb", target,
+                           "--import", EXAMPLES, "--skip-unknown")
+    assert status == 0, err
+    assert "nothing was skipped" in out
+    assert "WARNING" not in err
+    assert read_zodb(target)[0] == shared.state
+
+
+def test_rebuild_skip_unknown_command_in_a_fresh_process(tmp_path):
+    jdb = open_writer(tmp_path / "journal", tmp_path / "Data.fs")
+    try:
+        jdb.execute(demo.OpenAccount("alice", 10))
+        jdb.execute(NotImported("written by code the rebuild lacks"))
+        jdb.execute(demo.Deposit("alice", 7))
+    finally:
+        jdb.close()
+    proc = run_process("rebuild", tmp_path / "journal", "--zodb",
+                       tmp_path / "Forensic.fs", "--import", "zjournal.demo",
+                       "--skip-unknown", cwd=str(tmp_path), script=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "skipped seq 2 (%s)" % NotImported.command_name in proc.stdout
+    assert "WARNING: 1 entries were skipped" in proc.stderr
+    assert "--skip-unknown" in run_process("rebuild", "--help").stdout
+
+
 # -- demo ------------------------------------------------------------------
 
 def test_demo(capsys):
@@ -927,6 +1217,11 @@ def test_demo_keeps_its_dir_and_refuses_to_reuse_it(tmp_path, capsys):
     ["rebuild", "J", "--import", EXAMPLES],
     ["info", "J", "--nosuchoption"],
     ["demo", "--commands", "many"],
+    ["stats", "J", "--by", "minute"],
+    ["export", "J", "--format", "csv"],
+    ["export", "J", "--stop", "x"],
+    ["import", "F"],
+    ["verify", "J", "--zodb"],
 ])
 def test_usage_errors_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -946,6 +1241,8 @@ SUBCOMMAND_ARGS = {
     "info": [],
     "verify": [],
     "dump": [],
+    "stats": [],
+    "export": [],
     "rebuild": ["--import", EXAMPLES],
 }
 

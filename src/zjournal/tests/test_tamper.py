@@ -258,6 +258,41 @@ class TestSignatures:
             _verify(site, hmac_key=self.KEY)
         assert "unsigned" in str(info.value)
 
+    def test_signing_turned_on_later_verifies(self, site):
+        _fill(site, 2)
+        jdb = site.open({"hmac_key": self.KEY})
+        jdb.execute(Put("signed", 1))
+        jdb.close()
+        report = _verify(site, hmac_key=self.KEY)
+        assert (report.signed, report.unsigned) == (1, 2)
+
+    def test_a_stripped_signature_after_signed_records_is_caught(self, site):
+        _fill(site, 3, hmac_key=self.KEY)
+        path = site.segments()[0]
+        recs = _split(path)
+        prev = recs[1][30:46]
+        rec = recs[2]
+        n = struct.unpack_from(">I", rec, 4)[0] - fmt.MAC_SIZE
+        body = bytearray(rec[4:-4 - fmt.MAC_SIZE])
+        struct.pack_into(">I", body, 0, n)
+        body[20] &= ~fmt.FLAG_MAC & 0xFF
+        assert bytes(body[26:42]) == fmt.record_hash(recs[1])
+        recs[2] = _reseal(b"\0" * 4 + bytes(body) + struct.pack(">I", n))
+        _rewrite(path, recs)
+        assert prev  # the chain before it is intact
+        assert _verify(site).unsigned == 1
+        with pytest.raises(TamperedJournalError) as info:
+            _verify(site, hmac_key=self.KEY)
+        assert info.value.seq == 3
+        assert "stripped" in str(info.value)
+
+    def test_no_key_at_all_even_with_the_variable_set(self, site,
+                                                      monkeypatch):
+        monkeypatch.setenv("ZJOURNAL_HMAC_KEY", "from the environment")
+        _fill(site, 1, hmac_key=False)
+        monkeypatch.delenv("ZJOURNAL_HMAC_KEY")
+        assert _verify(site).unsigned == 1
+
     def test_a_writer_with_the_wrong_key_is_refused(self, site):
         _fill(site, 2, hmac_key=self.KEY)
         before = open(site.segments()[0], "rb").read()
