@@ -635,7 +635,10 @@ def _export_to_file(journal, args, progress):
     from zjournal.export import export_jsonl
     part = args.output + ".part"
     try:
-        with open(part, "w", encoding="utf-8", newline="\n") as out:
+        # Owner-only, as the journal's own files: an export holds every
+        # argument of every command.
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with open(fd, "w", encoding="utf-8", newline="\n") as out:
             n = export_jsonl(journal, out, args.start, args.stop, progress)
             out.flush()
             os.fsync(out.fileno())

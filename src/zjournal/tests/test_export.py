@@ -649,3 +649,10 @@ def test_jsonable():
              "x": object}
     assert export.jsonable(value) == {
         "1": ["é", [2]], "d": "2020-01-02", "x": str(object)}
+
+
+def test_an_export_file_is_owner_only(site, tmp_path, capsys):
+    import stat
+    path = tmp_path / "e.jsonl"
+    export_file(capsys, site.journal, path)
+    assert stat.S_IMODE(os.stat(str(path)).st_mode) == 0o600
