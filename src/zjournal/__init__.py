@@ -16,6 +16,7 @@ from zjournal.errors import CommandNameConflictError
 from zjournal.errors import CorruptJournalError
 from zjournal.errors import DecodeError
 from zjournal.errors import EncodeError
+from zjournal.errors import ForensicZODBError
 from zjournal.errors import HistoryMismatchError
 from zjournal.errors import JournalError
 from zjournal.errors import JournalFailedError
@@ -52,5 +53,5 @@ __all__ = [
     "WrongJournalError", "ZODBAheadError", "NotJournaledError",
     "ReplayError", "UnjournaledChangeError", "NotJournaledConnectionError",
     "NestedCommandError", "TamperedJournalError", "JournalKeyError",
-    "HistoryMismatchError", "QueryWriteError",
+    "HistoryMismatchError", "QueryWriteError", "ForensicZODBError",
 ]

@@ -3,9 +3,10 @@
 Two-phase commit, as the ``transaction`` package drives it (the journal is
 the *last resource*: its vote is the commit point)::
 
-    (before the commit, a hook encodes the records and stores the chain
-    hash they end with in the marker, so the ZODB commits it)
-    tpc_begin   ZODB connections, then the journal: nothing to do here
+    tpc_begin   ZODB connections, then the journal: it encodes the records
+                and stores the chain hash they end with in the marker
+                (every tpc_begin runs before any commit, so the ZODB
+                connection stores the marker with it)
     commit      ZODB stores objects; the journal refuses a transaction that
                 changed objects outside any command
     tpc_vote    ZODB votes first (conflicts surface here), then the journal
@@ -58,7 +59,6 @@ class JournalDataManager:
         self.batch = None        # the encoded records, once prepared
         self.unjournaled = None  # first object changed outside a command
         self.joined = False
-        self.hooked = False
         self.voted = False
         # (first, last) seq once journaled; kept after the transaction
         # ends, for callers that must know whether it committed.
@@ -68,22 +68,16 @@ class JournalDataManager:
         if not self.joined:
             self._txn.join(self)
             self.joined = True
-        if not self.hooked:
-            # Once per transaction: a savepoint rollback can make the data
-            # manager leave the transaction and join it again.
-            self._txn.addBeforeCommitHook(self._before_commit)
-            self.hooked = True
 
-    def _before_commit(self):
+    def _prepare(self):
         """Encode the records and put their chain head in the marker.
 
-        This runs before any resource commits, so the marker the ZODB
+        Called from tpc_begin: after every command (before-commit hooks
+        included), before any resource commits, so the marker the ZODB
         stores names the hash of the last record journaled with it.  Who
         and why (the transaction's user and description) are read here,
         as late as they can be.
         """
-        if not self.pending:
-            return
         txn = self._txn
         common = {}
         if txn.user:
@@ -128,6 +122,9 @@ class JournalDataManager:
             raise NestedCommandError(
                 "a command tried to commit the transaction it runs in; that"
                 " would commit half a command")
+        self.batch = None
+        if self.pending:
+            self._prepare()
 
     def commit(self, txn):
         if self.unjournaled is not None and not self.jdb.allow_unjournaled:
@@ -146,9 +143,8 @@ class JournalDataManager:
         batch = self.batch
         if batch is None or batch.last != self.pending[-1][0]:
             raise JournalError(
-                "a command ran after the journal prepared this transaction's"
-                " records (from a before-commit hook?); it cannot be"
-                " journaled with them")
+                "a command ran during the two-phase commit of its own"
+                " transaction; it cannot be journaled")
         faults.point("vote.before-append")
         try:
             self.jdb.journal.append(batch)

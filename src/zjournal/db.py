@@ -27,6 +27,7 @@ from zope.interface import implementer
 from zjournal import commands
 from zjournal import recovery
 from zjournal.datamanager import JournalDataManager
+from zjournal.errors import EncodeError
 from zjournal.errors import JournalSequenceError
 from zjournal.errors import NestedCommandError
 from zjournal.errors import NotJournaledConnectionError
@@ -36,6 +37,7 @@ from zjournal.groupcommit import GroupCommitter
 from zjournal.interfaces import IJournaledDB
 from zjournal.journal import FileJournal
 from zjournal.format import FLAG_QUERY
+from zjournal.format import encode_meta
 from zjournal.marker import MARKER_KEY
 
 logger = logging.getLogger(__name__)
@@ -347,32 +349,21 @@ class JournaledDB:
             # commits the marker, so this transaction's stale marker will
             # conflict and the application's retry sees the caught-up state.
             self.catch_up()
-        if is_query and not self.journal_queries:
-            return self._run_query(conn, command)
+        if metadata is not None:
+            _check_metadata(command, metadata)
+        if is_query:
+            return self._run_query(conn, command, metadata)
         name, version, payload = commands.encode(command)
-        dm = self._data_manager(conn)
-        if dm.connection is None:
-            dm.connection = conn
-        elif dm.connection is not conn:
-            raise NotJournaledConnectionError(
-                "commands of one transaction must run on one connection")
+        dm = self._joined_data_manager(conn)
         root = conn.root()
         marker = root[MARKER_KEY]
         seq = marker.last_seq + 1
         now = time.time()
         context = commands.Context(seq, now)
         _state.command = command
+        conn.zjournal_in_command = True
         try:
-            if is_query:
-                conn.zjournal_in_query = True
-                try:
-                    result = command.execute(root, context)
-                finally:
-                    conn.zjournal_in_query = False
-                conn.zjournal_in_command = True
-            else:
-                conn.zjournal_in_command = True
-                result = command.execute(root, context)
+            result = command.execute(root, context)
             marker.last_seq = seq
         except BaseException:
             # Half a command must never be committed: the transaction can
@@ -386,24 +377,76 @@ class JournaledDB:
         finally:
             conn.zjournal_in_command = False
             _state.command = None
-        dm.pending.append((seq, now, version, name, payload,
-                           FLAG_QUERY if is_query else 0, metadata))
+        dm.pending.append((seq, now, version, name, payload, 0, metadata))
         return result
 
-    def _run_query(self, conn, query):
-        """Run a query that is not journaled: it reads, and that is all."""
+    def _joined_data_manager(self, conn):
+        dm = self._data_manager(conn)
+        if dm.connection is None:
+            dm.connection = conn
+        elif dm.connection is not conn:
+            raise NotJournaledConnectionError(
+                "commands of one transaction must run on one connection")
+        return dm
+
+    def _run_query(self, conn, query, metadata):
+        """Run a query: it reads, it never changes anything.
+
+        A write is caught as it happens (QueryWriteError, the
+        transaction doomed).  An object a command already changed in this
+        transaction would not tell the connection about a second change;
+        a savepoint taken before the query makes it tell again, and
+        rolling the savepoint back afterwards undoes anything that slipped
+        through.  A query that raises otherwise leaves the transaction as
+        it was.
+        """
+        journaled = self.journal_queries
+        if journaled:
+            name, version, payload = commands.encode(query)
+            dm = self._joined_data_manager(conn)
         root = conn.root()
-        context = commands.Context(root[MARKER_KEY].last_seq, time.time())
+        marker = root[MARKER_KEY]
+        seq = marker.last_seq + 1 if journaled else marker.last_seq
+        now = time.time()
+        savepoint = None
+        if getattr(conn, "_registered_objects", True):
+            try:
+                savepoint = conn.transaction_manager.get().savepoint()
+            except TypeError:
+                # A resource without savepoints joined the transaction:
+                # the check on first changes is all there is.
+                logger.debug("no savepoint around query %s", query)
         conn.zjournal_in_query = True
         _state.command = query
         try:
-            return query.execute(root, context)
-        except QueryWriteError:
-            conn.transaction_manager.get().doom()
-            raise
+            result = query.execute(root, commands.Context(seq, now))
         finally:
             conn.zjournal_in_query = False
             _state.command = None
+            if savepoint is not None:
+                savepoint.rollback()
+        if journaled:
+            conn.zjournal_in_command = True
+            try:
+                marker.last_seq = seq
+            finally:
+                conn.zjournal_in_command = False
+            dm.pending.append((seq, now, version, name, payload, FLAG_QUERY,
+                               metadata))
+        return result
+
+
+def _check_metadata(command, metadata):
+    """Refuse metadata the journal could not store, before the command
+    runs: under group commit, a failure at commit time would fail every
+    command of the group."""
+    if not isinstance(metadata, dict):
+        raise EncodeError("%s: metadata must be a dict, not %r"
+                          % (command.command_name, metadata))
+    try:
+        encode_meta(metadata)
+    except ValueError as e:
+        raise EncodeError("%s: %s" % (command.command_name, e)) from e
 
 
 # Per thread: the command executing now, and whether a transaction()

@@ -198,6 +198,14 @@ class HistoryMismatchError(RecoveryError):
     """
 
 
+class ForensicZODBError(RecoveryError):
+    """The ZODB was built by a rebuild that skipped entries.
+
+    It is for inspection only: it is not the state the journal describes,
+    and commands must not be journaled on top of it.
+    """
+
+
 class ReplayError(RecoveryError):
     """Replaying an entry failed: a gap in, or divergence from, the code.
 

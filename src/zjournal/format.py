@@ -177,10 +177,16 @@ def decode_header(data, path):
     if zlib.crc32(data[:SEGMENT_HEADER.size]) != crc:
         raise CorruptJournalError(
             path, 0, None, "segment header checksum mismatch")
+    if version > FORMAT_VERSION:
+        raise UnsupportedFormatError(
+            "%s: journal format version %d is newer than this zjournal"
+            " reads (version %d); upgrade zjournal"
+            % (path, version, FORMAT_VERSION))
     if version != FORMAT_VERSION:
         raise UnsupportedFormatError(
-            "%s: journal format version %d is not supported by this zjournal"
-            " (it reads version %d); upgrade zjournal"
+            "%s: journal format version %d was written by a development"
+            " version of zjournal and is not read by this one (version %d);"
+            " replay it with the zjournal that wrote it and export it"
             % (path, version, FORMAT_VERSION))
     if size < SEGMENT_HEADER_SIZE:
         raise CorruptJournalError(
@@ -336,9 +342,10 @@ class BadRecord(Exception):
 
     ``truncated`` is true when the record is cut short by the end of the
     data rather than failing a check.  ``misplaced`` is true when the
-    record is whole and valid but carries the wrong sequence number: no
-    torn write produces that, so it is always corruption (a record lost,
-    duplicated or moved), never a torn tail to cut.
+    record is whole and its checksum holds but it is wrong anyway (the
+    wrong sequence number, impossible flags or lengths): no torn write
+    produces that, so it is always corruption (a record lost, duplicated,
+    moved or forged), never a torn tail to cut.
     """
 
     def __init__(self, reason, truncated=False, misplaced=False):
@@ -370,10 +377,13 @@ def check_record(buf, pos, expected_seq=None):
         raise BadRecord("checksum mismatch")
     if TRAILER.unpack_from(buf, pos + 8 + n)[0] != n:
         raise BadRecord("trailing length does not match")
+    # From here on the record is whole and its checksum holds: no torn
+    # write produces what fails now, so it is corruption, never a tail.
     if flags & ~KNOWN_FLAGS or reserved:
-        raise BadRecord("unknown flags %#x" % flags)
+        raise BadRecord("unknown flags %#x" % flags, misplaced=True)
     if flags & FLAGS_EXTRA and _extras(buf, pos, n, k, flags) is None:
-        raise BadRecord("metadata or signature does not fit the record")
+        raise BadRecord("metadata or signature does not fit the record",
+                        misplaced=True)
     if expected_seq is not None and seq != expected_seq:
         raise BadRecord("a valid record with sequence number %d where %d"
                         " belongs" % (seq, expected_seq), misplaced=True)

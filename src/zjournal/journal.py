@@ -342,6 +342,14 @@ class FileJournal:
         try:
             self._open()
         except BaseException:
+            if self._cut_now is not None:
+                # Refused after cutting a torn tail (a wrong key, say):
+                # leave the disk as it was found.
+                try:
+                    self._restore_tail()
+                except OSError:
+                    logger.exception("journal %s: could not put a cut tail"
+                                     " back", self.path)
             self._release()
             if self._made_lock:
                 # Refused before anything was written: leave no lock file.
@@ -372,6 +380,11 @@ class FileJournal:
         first = self._read_header(self._segments[0])
         self.identity_bytes = first.identity
         self.created = first.created
+        if self._new_identity not in (None, self.identity_bytes):
+            raise JournalError(
+                "journal %s is %s, not %s as asked" % (
+                    self.path, self.identity,
+                    uuid.UUID(bytes=self._new_identity)))
         self._open_tail()
         if not self.readonly:
             self._fd = self._io.open_append(
@@ -463,11 +476,6 @@ class FileJournal:
         if last is not None:
             self.head = record_hash(last)
             self._check_key(last, path)
-        if self._new_identity not in (None, self.identity_bytes):
-            raise JournalError(
-                "journal %s is %s, not %s as asked" % (
-                    self.path, self.identity,
-                    uuid.UUID(bytes=self._new_identity)))
 
     def _check_key(self, record, path):
         """A writer with a key must hold the key that signed the journal.
@@ -476,13 +484,22 @@ class FileJournal:
         catches the mistyped or rotated key before records signed with
         two keys are mixed.
         """
-        if self._key is None or self.readonly:
+        if self.readonly:
             return
         flags = record[FLAGS_OFFSET]
+        if self._key is None:
+            if flags & FLAG_MAC:
+                # Unsigned records after signed ones are what stripping
+                # signatures leaves: verify would report them forever.
+                raise JournalKeyError(
+                    "journal %s is signed (its last record, seq %d, carries"
+                    " a signature), but no key was given; pass hmac_key or"
+                    " set %s" % (self.path, self.last_seq, HMAC_KEY_ENV))
+            return
         if not flags & FLAG_MAC:
-            logger.warning("journal %s: signing with a key from now on; the"
-                           " records up to seq %d are unsigned", self.path,
-                           self.last_seq)
+            logger.warning("journal %s: records up to seq %d were written"
+                           " without a key; they are signed from now on",
+                           self.path, self.last_seq)
             return
         body = memoryview(record)[4:-4 - MAC_SIZE]
         if sign(self._key, body) != record[-4 - MAC_SIZE:-4]:

@@ -24,6 +24,9 @@ class Marker(persistent.Persistent):
     """
 
     head = None  # markers written before the hash chain existed
+    # Seqs a forensic rebuild (skip_unknown) passed over: such a ZODB is
+    # not the journal's state, and recovery refuses to open it.
+    skipped = ()
 
     def __init__(self, journal_id, last_seq=0, head=GENESIS):
         self.journal_id = journal_id

@@ -31,6 +31,7 @@ import transaction
 from zjournal import commands
 from zjournal import faults
 from zjournal.errors import CommandError
+from zjournal.errors import ForensicZODBError
 from zjournal.errors import HistoryMismatchError
 from zjournal.errors import NotJournaledError
 from zjournal.errors import ReplayError
@@ -249,6 +250,12 @@ def check_replayable(entries, head=None):
 
 
 def _check_marker(marker, journal):
+    if marker.skipped:
+        raise ForensicZODBError(
+            "the ZODB was rebuilt with --skip-unknown and lacks %d entries"
+            " of journal %s (first: seq %d); it is for inspection only."
+            " Rebuild an empty ZODB with the code that knows every command"
+            % (len(marker.skipped), journal.path, marker.skipped[0]))
     if marker.journal_id != journal.identity:
         raise WrongJournalError(
             "the ZODB was built from journal %s, but journal %s is %s;"
@@ -346,6 +353,8 @@ def replay(tm, conn, entries, batch_size=1000, progress=None, total=None,
             if in_batch >= batch_size:
                 marker.last_seq = last
                 marker.head = entry.hash
+                if skipped:
+                    marker.skipped = [s[0] for s in skipped]
                 tm.commit()
                 faults.point("replay.after-commit")
                 conn.cacheGC()
@@ -354,6 +363,8 @@ def replay(tm, conn, entries, batch_size=1000, progress=None, total=None,
         if in_batch:
             marker.last_seq = last
             marker.head = entry.hash
+            if skipped:
+                marker.skipped = [s[0] for s in skipped]
             tm.commit()
             progress(n, total)
     except BaseException:

@@ -89,7 +89,7 @@ class TestProtocol:
             dm = _dm(jdb)
             dm.pending.append((jdb.journal.last_seq + 1, 0.0, 1, "tests.put",
                                b"\x80\x04}\x94.", 0, None))
-            dm.batch = jdb.journal.prepare(dm.pending)
+            dm.connection = jdb.open(dm.transaction_manager)
             txn = dm._txn
             for phase in phases:
                 getattr(dm, phase)(txn)
@@ -98,6 +98,7 @@ class TestProtocol:
             dm.tpc_abort(txn)
             dm.tpc_abort(txn)
             assert dm.pending == []
+            dm.transaction_manager.abort()
 
     def test_nothing_to_journal_writes_nothing(self, jdb):
         dm = _dm(jdb)

@@ -315,3 +315,174 @@ class TestTailCheck:
         j.close()
         with pytest.raises(zjournal.CorruptJournalError):
             FileJournal(path, readonly=True).verify()
+
+
+# -- format 2 review ---------------------------------------------------------
+
+class WritesDirty(Command):
+    """A "query" changing an object a command already changed."""
+    command_name = "tests.review.writes-dirty"
+
+    def execute(self, root, context):
+        root["counters"]["default"].value += 100
+        return "read"
+
+
+class MissingKey(Command):
+    command_name = "tests.review.missing-key"
+
+    def execute(self, root, context):
+        return root["table"]["missing"]
+
+
+@pytest.mark.parametrize("journal_queries", [False, True])
+def test_a_query_cannot_change_an_object_a_command_changed(
+        site, journal_queries):
+    # The savepoint taken before the query makes the command's changes
+    # "saved", so the query's write registers again and is caught.
+    from zjournal.tests.helpers import zodb_view, replayed_state
+    jdb = site.open(journal_queries=journal_queries)
+    jdb.execute(Increment())
+    with pytest.raises(zjournal.QueryWriteError):
+        with jdb.transaction() as conn:
+            zjournal.execute(conn, Increment())
+            zjournal.query(conn, WritesDirty())
+    live = zodb_view(jdb)[0]
+    assert live == ({}, {"default": 1})
+    assert replayed_state(jdb.journal) == live
+    jdb.close()
+
+
+@pytest.mark.parametrize("journal_queries", [False, True])
+def test_a_query_that_raises_leaves_the_transaction_usable(
+        site, journal_queries):
+    jdb = site.open(journal_queries=journal_queries)
+    jdb.execute(Put("x", 1))
+    with jdb.transaction() as conn:
+        try:
+            zjournal.query(conn, MissingKey())
+        except KeyError:
+            zjournal.execute(conn, Put("missing", 2))
+    assert [e.command_name for e in jdb.journal.entries()] == [
+        "tests.put", "tests.put"]
+    jdb.close()
+
+
+def test_a_command_run_from_a_before_commit_hook_is_journaled(site):
+    jdb = site.open()
+    conn = jdb.open()
+    zjournal.execute(conn, Put("a", 1))
+    txn = transaction.get()
+    txn.addBeforeCommitHook(
+        lambda: zjournal.execute(conn, Put("audit", 2)))
+    transaction.commit()
+    conn.close()
+    assert [e.seq for e in jdb.journal.entries()] == [1, 2]
+    jdb.close()
+    jdb = site.open()
+    assert jdb.recovery.action == "current"
+    jdb.close()
+
+
+def test_bad_metadata_fails_alone_in_a_group(site):
+    jdb = site.open({"fsync": "batch"})
+    results = {}
+    barrier = threading.Barrier(3)
+
+    def run(i, metadata):
+        barrier.wait()
+        try:
+            results[i] = jdb.execute(Put("k%d" % i, i), metadata=metadata)
+        except zjournal.EncodeError as e:
+            results[i] = e
+
+    threads = [threading.Thread(target=run, args=(i, m)) for i, m in
+               enumerate([{"ok": 1}, {"bad": object()}, None])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results[0] == 0 and results[2] == 2
+    assert isinstance(results[1], zjournal.EncodeError)
+    assert sorted(e.args["key"] for e in jdb.journal.entries()) == [
+        "k0", "k2"]
+    for bad in (["x"], "text"):
+        with pytest.raises(zjournal.EncodeError):
+            jdb.execute(Put("z", 1), metadata=bad)
+    jdb.close()
+
+
+def test_a_writer_without_the_key_of_a_signed_journal_is_refused(site):
+    jdb = site.open({"hmac_key": b"k"})
+    jdb.execute(Put("a", 1))
+    jdb.close()
+    with pytest.raises(zjournal.JournalKeyError):
+        FileJournal(site.journal_dir)
+    FileJournal(site.journal_dir, readonly=True).close()  # readers may
+
+
+def test_a_refused_open_puts_a_cut_tail_back(site):
+    jdb = site.open({"hmac_key": b"k"})
+    jdb.execute(Put("a", 1))
+    jdb.close()
+    (seg,) = site.segments()
+    with open(seg, "ab") as f:
+        f.write(b"torn bytes of an unfinished write")
+    before = snapshot(site.journal_dir)
+    with pytest.raises(zjournal.JournalKeyError):
+        FileJournal(site.journal_dir, hmac_key=b"wrong")
+    assert snapshot(site.journal_dir, skip=("journal.lock",)) == {
+        k: v for k, v in before.items() if k != "journal.lock"}
+
+
+def test_a_crc_valid_record_with_impossible_extras_is_corruption(site):
+    import struct
+    import zlib
+    from zjournal.format import RECORD_HEAD_SIZE
+    j = FileJournal(site.journal_dir, fsync="never")
+    j.append([(1, 1.0, 0, "n", b"payload", 0, {"a": 1})])
+    j.append([(2, 2.0, 0, "n", b"payload", 0, {"a": 2})])
+    j.close()
+    (seg,) = site.segments()
+    data = bytearray(open(seg, "rb").read())
+    (n,) = struct.unpack(">I", data[-4:])
+    start = len(data) - n - 12
+    struct.pack_into(">I", data, start + RECORD_HEAD_SIZE + 1, 9999)
+    struct.pack_into(">I", data, start,
+                     zlib.crc32(bytes(data[start + 4:start + 8 + n])))
+    open(seg, "wb").write(data)
+    with pytest.raises(zjournal.CorruptJournalError) as info:
+        FileJournal(site.journal_dir)
+    assert info.value.seq == 2
+    assert open(seg, "rb").read() == bytes(data)
+
+
+def test_a_forensic_rebuild_is_not_opened_as_the_journals_state(site):
+    import ZODB
+    from zjournal.recovery import rebuild
+    jdb = site.open()
+    jdb.execute(Put("a", 1))
+    jdb.journal.append([(2, 1.0, 1, "gone.command", b"\x80\x04}\x94.")])
+    jdb.close()
+    site.remove_zodb()
+    journal = FileJournal(site.journal_dir, readonly=True)
+    db = site.db()
+    result = rebuild(db, journal, skip_unknown=True)
+    assert [s[:2] for s in result.skipped] == [(2, "gone.command")]
+    db.close()
+    journal.close()
+    with pytest.raises(zjournal.ForensicZODBError):
+        site.open()
+
+
+def test_format_version_messages_say_which_side_is_old():
+    import struct
+    import zlib
+    from zjournal import format as fmt
+    for version, words in ((1, "development version"), (9, "upgrade")):
+        h = bytearray(fmt.encode_header(b"\0" * 16, 1, 1.0))
+        struct.pack_into(">H", h, 8, version)
+        struct.pack_into(">I", h, 44, zlib.crc32(bytes(h[:44])))
+        with pytest.raises(zjournal.UnsupportedFormatError) as info:
+            fmt.decode_header(bytes(h), "seg")
+        assert words in str(info.value)
