@@ -38,11 +38,18 @@ setup(
     ],
     extras_require={
         "uri": ["zodburi"],
+        # The PostgreSQL journal; psycopg2 is the driver RelStorage uses.
+        "postgresql": ["psycopg2-binary"],
+        "relstorage": ["RelStorage", "psycopg2-binary"],
+        "zeo": ["ZEO"],
         "test": [
             "pytest",
             "hypothesis",
             "zodburi",
             "Sphinx",  # test_docs builds the docs with -W
+            "psycopg2-binary",
+            "RelStorage",
+            "ZEO",
         ],
         "docs": ["Sphinx"],
         # benchmarks/run.py: the peers it measures zjournal against
