@@ -256,8 +256,8 @@ def _journal_path(spec):
 
 def open_journal(spec, hmac_key=None):
     """Open a journal read-only from a directory path or a URI."""
-    from zjournal.journal import FileJournal
-    return FileJournal(_journal_path(spec), readonly=True, hmac_key=hmac_key)
+    from zjournal.uri import open_journal
+    return open_journal(spec, readonly=True, hmac_key=hmac_key)
 
 
 def hmac_key(var):

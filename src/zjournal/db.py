@@ -35,7 +35,7 @@ from zjournal.errors import QueryWriteError
 from zjournal.errors import RecoveryError
 from zjournal.groupcommit import GroupCommitter
 from zjournal.interfaces import IJournaledDB
-from zjournal.journal import FileJournal
+from zjournal.uri import open_journal
 from zjournal.format import FLAG_QUERY
 from zjournal.format import encode_meta
 from zjournal.marker import MARKER_KEY
@@ -80,8 +80,8 @@ class JournaledConnection(ZODB.Connection.Connection):
 class JournaledDB:
     """Wrap a ``ZODB.DB`` and a journal; recover when opened.
 
-    ``journal`` is an :class:`~zjournal.interfaces.IJournal` or a path
-    (a :class:`~zjournal.FileJournal` is opened there).  The JournaledDB
+    ``journal`` is an :class:`~zjournal.interfaces.IJournal`, or a
+    directory path or journal URI (see :func:`zjournal.open_journal`).  The JournaledDB
     owns both: :meth:`close` closes them, and so does a failure to open
     (a refusal by recovery), which leaves the journal unlocked.
 
@@ -114,7 +114,7 @@ class JournaledDB:
                  batch_size=1000, progress=None, batch_window=0.0,
                  journal_queries=False):
         if isinstance(journal, str):
-            journal = FileJournal(journal)
+            journal = open_journal(journal)
         self.db = db
         self.journal = journal
         self.allow_unjournaled = allow_unjournaled
