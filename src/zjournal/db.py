@@ -190,8 +190,8 @@ class JournaledDB:
     def _alone(self, command, metadata, is_query):
         with self._lock:
             for attempt in range(self.retries + 1):
-                if self._needs_catch_up:
-                    self.catch_up()
+                if not self._caught_up(attempt):
+                    continue
                 tm, conn = self._executor()
                 tm.begin()
                 try:
@@ -209,6 +209,25 @@ class JournaledDB:
                 except BaseException:
                     tm.abort()
                     raise
+
+    def _caught_up(self, attempt):
+        """Catch up if a previous attempt found the journal ahead.
+
+        Another process may be catching up or committing at the same
+        time: a conflict here is retried like any other (False: pause
+        and try again).
+        """
+        if not self._needs_catch_up:
+            return True
+        try:
+            self.catch_up()
+        except transaction.interfaces.TransientError as e:
+            self._needs_catch_up = True
+            if attempt == self.retries:
+                raise
+            self._pause(attempt, e)
+            return False
+        return True
 
     def _pause(self, attempt, error):
         """Back off before retrying after a transient error."""

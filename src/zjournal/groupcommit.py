@@ -106,8 +106,9 @@ class GroupCommitter:
                 pending = [r for r in group if not r.done]
                 if not pending:
                     return
-                if jdb._needs_catch_up:
-                    jdb.catch_up()
+                if not jdb._caught_up(attempt):
+                    attempt += 1
+                    continue
                 tm, conn = jdb._executor()
                 tm.begin()
                 results = []

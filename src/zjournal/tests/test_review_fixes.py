@@ -486,3 +486,26 @@ def test_format_version_messages_say_which_side_is_old():
         with pytest.raises(zjournal.UnsupportedFormatError) as info:
             fmt.decode_header(bytes(h), "seg")
         assert words in str(info.value)
+
+
+@pytest.mark.parametrize("fsync", ["always", "batch"])
+def test_a_catch_up_that_conflicts_is_retried(site, fsync):
+    from ZODB.POSException import ConflictError
+    jdb = site.open({"fsync": fsync})
+    jdb.execute(Put("a", 1))
+    real = jdb.catch_up
+    calls = []
+
+    def catch_up():
+        calls.append(1)
+        if len(calls) == 1:
+            jdb._needs_catch_up = False
+            raise ConflictError("another process is catching up too")
+        return real()
+
+    jdb.catch_up = catch_up
+    jdb._needs_catch_up = True
+    assert jdb.execute(Put("b", 2)) == 2
+    assert len(calls) == 2
+    assert [e.seq for e in jdb.journal.entries()] == [1, 2]
+    jdb.close()
