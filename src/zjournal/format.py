@@ -52,8 +52,10 @@ Record, 50 bytes of framing around the command name and the payload::
     8+n    4     n again, so the last record can be found from the end of
                  the file without scanning the segment
 
-The chain hash of a record is BLAKE2b (16 bytes) of its bytes 4 .. 8+n,
-its own ``prev`` included, so each hash pins the whole history before it:
+The chain hash of a record is SHA-256 of its bytes 4 .. 8+n, cut to 16
+bytes (128 bits keep second preimages out of reach; SHA-256 is in every
+language and tool that may check an export), its own ``prev`` included,
+so each hash pins the whole history before it:
 the ZODB marker stores the hash of the last record it applied, and
 ``verify`` recomputes the chain.  The CRC is for accidental damage only;
 the chain makes an edited, deleted or reordered record evident against
@@ -260,8 +262,7 @@ def encode_record(seq, time, flags, version, name, payload, prev=GENESIS,
 
 def record_hash(record):
     """The chain hash of one whole encoded record."""
-    return hashlib.blake2b(memoryview(record)[4:-4],
-                           digest_size=HASH_SIZE).digest()
+    return hashlib.sha256(memoryview(record)[4:-4]).digest()[:HASH_SIZE]
 
 
 def encode_chain(items, prev=GENESIS, key=None):

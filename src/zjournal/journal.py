@@ -1057,7 +1057,7 @@ def _scan(f, path, base, expected, start, stop, lenient_tail, report,
     crc32 = zlib.crc32
     make = tuple.__new__
     if not build:
-        blake2b = hashlib.blake2b
+        sha256 = hashlib.sha256
         chain = report.head
         signed = unsigned = queries = 0
     while True:
@@ -1095,8 +1095,7 @@ def _scan(f, path, base, expected, start, stop, lenient_tail, report,
                         " this record follows another record than the one"
                         " before it (records edited, deleted, inserted or"
                         " reordered)")
-                chain = blake2b(view[pos + 4:end],
-                                digest_size=HASH_SIZE).digest()
+                chain = sha256(view[pos + 4:end]).digest()[:HASH_SIZE]
                 if mac is not None:
                     signed += 1
                     if key is not None and sign(
