@@ -1,7 +1,18 @@
 import os
 
+from setuptools import Extension
 from setuptools import find_packages
 from setuptools import setup
+
+# Optional C speedups for the journal scan (zlib's CRC-32 and OpenSSL's
+# SHA-256, both libraries CPython itself links).  A machine that cannot
+# build it still installs zjournal: the pure-Python scan does the same
+# checks, slower.  ZJOURNAL_PURE_PYTHON=1 skips the build.
+speedups = [] if os.environ.get("ZJOURNAL_PURE_PYTHON") else [
+    Extension("zjournal._speedups", ["src/zjournal/_speedups.c"],
+              libraries=["z", "crypto"], optional=True,
+              define_macros=[("OPENSSL_API_COMPAT", "0x10100000L")]),
+]
 
 
 def read(name):
@@ -26,6 +37,7 @@ setup(
     ],
     package_dir={"": "src"},
     packages=find_packages("src"),
+    ext_modules=speedups,
     include_package_data=True,
     zip_safe=False,
     python_requires=">=3.9",

@@ -89,6 +89,11 @@ from zjournal.format import segment_name
 from zjournal.interfaces import IEntry
 from zjournal.interfaces import IJournal
 
+try:
+    from zjournal._speedups import check_run as _check_run
+except ImportError:  # not built: the Python loop does it all
+    _check_run = None
+
 logger = logging.getLogger(__name__)
 
 # "batch" syncs like "always"; it tells a JournaledDB to group concurrent
@@ -101,6 +106,9 @@ DEFAULT_SEGMENT_SIZE = 64 << 20
 # How much of the end of the last segment opening reads to prove the tail
 # clean; a last transaction larger than this is checked by a scan.
 TAIL_WINDOW = 1 << 16
+# The C scan takes seqs as unsigned 64-bit integers.
+_MAX_SEQ = (1 << 64) - 1
+
 # Reads go through buffers of this size: a replay's memory does not grow
 # with the size of a segment.
 READ_CHUNK = 1 << 20
@@ -1060,6 +1068,9 @@ def _scan(f, path, base, expected, start, stop, lenient_tail, report,
         sha256 = hashlib.sha256
         chain = report.head
         signed = unsigned = queries = 0
+        # Signatures are checked by the Python loop only.
+        fast = _check_run if key is None else None
+        fast_stop = min(stop, _MAX_SEQ)
     while True:
         if not eof and len(buf) - pos < READ_CHUNK:
             chunk = f.read(READ_CHUNK)
@@ -1071,6 +1082,26 @@ def _scan(f, path, base, expected, start, stop, lenient_tail, report,
             else:
                 eof = True
         size = len(buf)
+        if not build and fast is not None:
+            # The C loop runs the happy path; the loop below takes over
+            # at the first record it stops at (see zjournal._speedups).
+            (pos, expected, chain, end_pos, end_seq, end_chain, held_pos,
+             held_seq, s_done, u_done, q_done, signed, unsigned,
+             queries) = fast(buf, pos, expected, fast_stop, chain, signed,
+                             unsigned, queries)
+            if end_pos >= 0:
+                last_end = end_seq
+                report.head = end_chain
+                report.signed += s_done
+                report.unsigned += u_done
+                report.queries += q_done
+                del held[:]
+                if end_seq + 1 >= stop:
+                    return end_seq + 1
+            if held_pos >= 0 and not held:
+                held.append(make(Entry, (held_seq, 0.0, 0, 0, "", b"",
+                                         offset + held_pos, 0, GENESIS,
+                                         None, None)))
         while pos + RECORD_HEAD_SIZE <= size:
             (crc, n, seq, t, flags, reserved, version, k,
              prev) = unpack(buf, pos)

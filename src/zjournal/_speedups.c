@@ -1,0 +1,186 @@
+/* Optional C speedups for zjournal.journal's record scan.
+
+   The Python scan in zjournal.journal._scan defines what a valid record
+   is; this module only runs its happy path faster.  check_run() walks
+   whole records that pass every check a record can pass on its own
+   (framing, CRC, flags, extras) and follow the chain, and stops at the
+   first one that does not, or that would need more bytes: the Python
+   loop then takes over at that record and decides, with the same code as
+   without this module, whether it is a torn tail, corruption or a record
+   split across two reads.  So a difference between the two can only make
+   the C side stop early, never accept more.
+
+   Record layout: see zjournal/format.py.  All integers big-endian. */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <string.h>
+#include <zlib.h>
+#include <openssl/sha.h>
+
+#define HEAD_SIZE 46        /* crc .. prev */
+#define BODY_HEAD_SIZE 38   /* seq .. prev */
+#define HASH_SIZE 16
+#define MAC_SIZE 16
+#define FLAG_END 0x01
+#define FLAG_QUERY 0x02
+#define FLAG_META 0x04
+#define FLAG_MAC 0x08
+#define KNOWN_FLAGS 0x0f
+#define MAX_NAME_SIZE 1024
+#define MAX_BODY_SIZE (1u << 28)
+#define MAX_META_SIZE (1u << 20)
+
+static uint32_t
+be32(const unsigned char *p)
+{
+    return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16)
+        | ((uint32_t)p[2] << 8) | (uint32_t)p[3];
+}
+
+static uint64_t
+be64(const unsigned char *p)
+{
+    return ((uint64_t)be32(p) << 32) | be32(p + 4);
+}
+
+PyDoc_STRVAR(check_run_doc,
+"check_run(buf, pos, expected, stop, chain, signed, unsigned, queries)\n"
+"-> tuple\n\n"
+"Check whole records of buf from pos on, as zjournal.journal._scan does\n"
+"without building entries.  Stops before the first record that does not\n"
+"fit in buf, fails a check, does not follow chain, or whose seq reaches\n"
+"stop (a transaction end at stop - 1 is included).  Returns (pos,\n"
+"expected, chain, end_pos, end_seq, end_chain, held_pos, held_seq,\n"
+"signed, unsigned, queries): where it stopped, the next expected seq and\n"
+"the running chain hash; the end of the last whole transaction seen\n"
+"(end_pos -1 if none) with its last seq and chain hash; the first record\n"
+"after it (held_pos -1 if none); the counts of signed, unsigned and\n"
+"query records in the whole transactions it ended; and those counts for\n"
+"the records after the last end (given in, for a transaction begun\n"
+"before pos, and handed back).");
+
+static PyObject *
+check_run(PyObject *self, PyObject *args)
+{
+    Py_buffer view;
+    Py_ssize_t pos;
+    unsigned long long expected, stop;
+    Py_buffer chain_in;
+    unsigned char chain[HASH_SIZE], end_chain[HASH_SIZE];
+    unsigned char digest[SHA256_DIGEST_LENGTH];
+    Py_ssize_t end_pos = -1, held_pos = -1;
+    unsigned long long end_seq = 0, held_seq = 0;
+    long long signed_n = 0, unsigned_n = 0, queries = 0;
+    long long t_signed = 0, t_unsigned = 0, t_queries = 0;
+    PyObject *result;
+
+    if (!PyArg_ParseTuple(args, "y*nKKy*LLL", &view, &pos, &expected,
+                          &stop, &chain_in, &t_signed, &t_unsigned,
+                          &t_queries))
+        return NULL;
+    if (chain_in.len != HASH_SIZE || pos < 0) {
+        PyBuffer_Release(&view);
+        PyBuffer_Release(&chain_in);
+        PyErr_SetString(PyExc_ValueError, "bad chain hash or position");
+        return NULL;
+    }
+    memcpy(chain, chain_in.buf, HASH_SIZE);
+    memcpy(end_chain, chain, HASH_SIZE);
+    PyBuffer_Release(&chain_in);
+
+    {
+        const unsigned char *buf = (const unsigned char *)view.buf;
+        Py_ssize_t size = view.len;
+
+        Py_BEGIN_ALLOW_THREADS
+        while (pos + HEAD_SIZE <= size) {
+            const unsigned char *r = buf + pos;
+            uint32_t crc = be32(r);
+            uint32_t n = be32(r + 4);
+            uint64_t seq = be64(r + 8);
+            unsigned flags = r[24];
+            unsigned reserved = r[25];
+            unsigned k = ((unsigned)r[28] << 8) | r[29];
+            Py_ssize_t end = pos + 8 + (Py_ssize_t)n;
+            Py_ssize_t at, body_end;
+
+            if (n > MAX_BODY_SIZE || k > MAX_NAME_SIZE
+                    || n < BODY_HEAD_SIZE + k || end + 4 > size
+                    || seq != expected || seq >= stop
+                    || (flags & ~KNOWN_FLAGS) || reserved)
+                break;
+            if (crc32(0L, r + 4, (uInt)(n + 4)) != crc
+                    || be32(buf + end) != n)
+                break;
+            at = pos + HEAD_SIZE + k;
+            body_end = end;
+            if (flags & FLAG_MAC) {
+                body_end -= MAC_SIZE;
+                if (body_end < at)
+                    break;
+            }
+            if (flags & FLAG_META) {
+                uint32_t j;
+                if (at + 4 > body_end)
+                    break;
+                j = be32(buf + at);
+                if (j > MAX_META_SIZE || at + 4 + (Py_ssize_t)j > body_end)
+                    break;
+            }
+            if (memcmp(r + 30, chain, HASH_SIZE) != 0)
+                break;
+            SHA256(r + 4, (size_t)(n + 4), digest);
+            memcpy(chain, digest, HASH_SIZE);
+            if (flags & FLAG_MAC)
+                t_signed++;
+            else
+                t_unsigned++;
+            if (flags & FLAG_QUERY)
+                t_queries++;
+            if (held_pos < 0)
+                held_pos = pos;
+            if (held_pos == pos)
+                held_seq = seq;
+            pos = end + 4;
+            expected++;
+            if (flags & FLAG_END) {
+                end_pos = pos;
+                end_seq = seq;
+                memcpy(end_chain, chain, HASH_SIZE);
+                signed_n += t_signed;
+                unsigned_n += t_unsigned;
+                queries += t_queries;
+                t_signed = t_unsigned = t_queries = 0;
+                held_pos = -1;
+                if (seq + 1 >= stop)
+                    break;
+            }
+        }
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&view);
+    result = Py_BuildValue(
+        "nKy#nKy#nKLLLLLL", pos, expected, (const char *)chain,
+        (Py_ssize_t)HASH_SIZE, end_pos, end_seq, (const char *)end_chain,
+        (Py_ssize_t)HASH_SIZE, held_pos, held_seq, signed_n, unsigned_n,
+        queries, t_signed, t_unsigned, t_queries);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"check_run", check_run, METH_VARARGS, check_run_doc},
+    {NULL, NULL, 0, NULL}
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "zjournal._speedups",
+    "C speedups for the journal scan (optional; see zjournal.journal).",
+    -1, methods
+};
+
+PyMODINIT_FUNC
+PyInit__speedups(void)
+{
+    return PyModule_Create(&module);
+}
