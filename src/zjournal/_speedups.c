@@ -168,8 +168,182 @@ check_run(PyObject *self, PyObject *args)
     return result;
 }
 
+static PyObject *
+bytes_or_none(const unsigned char *p, Py_ssize_t n, int present)
+{
+    if (!present)
+        Py_RETURN_NONE;
+    return PyBytes_FromStringAndSize((const char *)p, n);
+}
+
+PyDoc_STRVAR(read_run_doc,
+"read_run(buf, pos, expected, start, stop, offset, names, entry_type)\n"
+"-> (pos, expected, entries, reached_stop)\n\n"
+"Decode whole transactions of valid records from buf at pos, as\n"
+"zjournal.journal._scan does when it builds entries.  Returns the entries\n"
+"with start <= seq < stop of every transaction it read to its end, and\n"
+"stops at the start of the first transaction it cannot read whole from\n"
+"buf (a record needing more bytes or failing a check: the Python loop\n"
+"decides what it is), or after the transaction that reaches stop.\n"
+"names caches command names by their bytes; offset is the file offset\n"
+"of buf[0]; entry_type is the tuple subclass to build.");
+
+static PyObject *
+read_run(PyObject *self, PyObject *args)
+{
+    Py_buffer view;
+    Py_ssize_t pos, txn_pos;
+    unsigned long long expected, txn_expected, start, stop;
+    long long offset;
+    PyObject *names, *entry_type;
+    PyObject *out = NULL, *txn = NULL, *result = NULL;
+    int reached = 0;
+
+    if (!PyArg_ParseTuple(args, "y*nKKKLO!O!", &view, &pos, &expected,
+                          &start, &stop, &offset, &PyDict_Type, &names,
+                          &PyType_Type, &entry_type))
+        return NULL;
+    if (!PyType_IsSubtype((PyTypeObject *)entry_type, &PyTuple_Type)) {
+        PyErr_SetString(PyExc_TypeError, "entry_type must be a tuple type");
+        goto done;
+    }
+    out = PyList_New(0);
+    txn = PyList_New(0);
+    if (out == NULL || txn == NULL)
+        goto done;
+    txn_pos = pos;
+    txn_expected = expected;
+    {
+        const unsigned char *buf = (const unsigned char *)view.buf;
+        Py_ssize_t size = view.len;
+        PyTypeObject *type = (PyTypeObject *)entry_type;
+
+        while (pos + HEAD_SIZE <= size) {
+            const unsigned char *r = buf + pos;
+            uint32_t crc = be32(r);
+            uint32_t n = be32(r + 4);
+            uint64_t seq = be64(r + 8);
+            uint64_t time_bits = be64(r + 16);
+            double t;
+            unsigned flags = r[24];
+            unsigned reserved = r[25];
+            unsigned version = ((unsigned)r[26] << 8) | r[27];
+            unsigned k = ((unsigned)r[28] << 8) | r[29];
+            Py_ssize_t end = pos + 8 + (Py_ssize_t)n;
+            Py_ssize_t at, body_end, meta_at = 0, meta_len = 0;
+            PyObject *raw, *name, *entry;
+
+            if (n > MAX_BODY_SIZE || k > MAX_NAME_SIZE
+                    || n < BODY_HEAD_SIZE + k || end + 4 > size
+                    || seq != expected || (flags & ~KNOWN_FLAGS) || reserved)
+                break;
+            if (crc32(0L, r + 4, (uInt)(n + 4)) != crc
+                    || be32(buf + end) != n)
+                break;
+            at = pos + HEAD_SIZE + k;
+            body_end = end;
+            if (flags & FLAG_MAC) {
+                body_end -= MAC_SIZE;
+                if (body_end < at)
+                    break;
+            }
+            if (flags & FLAG_META) {
+                uint32_t j;
+                if (at + 4 > body_end)
+                    break;
+                j = be32(buf + at);
+                if (j > MAX_META_SIZE || at + 4 + (Py_ssize_t)j > body_end)
+                    break;
+                meta_at = at + 4;
+                meta_len = (Py_ssize_t)j;
+                at += 4 + (Py_ssize_t)j;
+            }
+            if (seq >= start && seq < stop) {
+                raw = PyBytes_FromStringAndSize((const char *)r + HEAD_SIZE,
+                                                (Py_ssize_t)k);
+                if (raw == NULL)
+                    goto done;
+                name = PyDict_GetItemWithError(names, raw);
+                if (name == NULL) {
+                    if (PyErr_Occurred()) {
+                        Py_DECREF(raw);
+                        goto done;
+                    }
+                    name = PyUnicode_DecodeUTF8((const char *)r + HEAD_SIZE,
+                                                (Py_ssize_t)k, "replace");
+                    if (name == NULL || PyDict_SetItem(names, raw, name)) {
+                        Py_XDECREF(name);
+                        Py_DECREF(raw);
+                        goto done;
+                    }
+                    Py_DECREF(name);  /* the dict keeps it */
+                }
+                Py_DECREF(raw);
+                memcpy(&t, &time_bits, sizeof t);
+                entry = type->tp_alloc(type, 11);
+                if (entry == NULL)
+                    goto done;
+                Py_INCREF(name);
+                PyTuple_SET_ITEM(entry, 4, name);
+                PyTuple_SET_ITEM(entry, 0, PyLong_FromUnsignedLongLong(seq));
+                PyTuple_SET_ITEM(entry, 1, PyFloat_FromDouble(t));
+                PyTuple_SET_ITEM(entry, 2, PyLong_FromLong((long)flags));
+                PyTuple_SET_ITEM(entry, 3, PyLong_FromLong((long)version));
+                PyTuple_SET_ITEM(entry, 5, PyBytes_FromStringAndSize(
+                    (const char *)buf + at, body_end - at));
+                PyTuple_SET_ITEM(entry, 6, PyLong_FromLongLong(
+                    offset + (long long)pos));
+                PyTuple_SET_ITEM(entry, 7, PyLong_FromLong((long)n + 12));
+                PyTuple_SET_ITEM(entry, 8, PyBytes_FromStringAndSize(
+                    (const char *)r + 30, HASH_SIZE));
+                PyTuple_SET_ITEM(entry, 9, bytes_or_none(
+                    buf + meta_at, meta_len, flags & FLAG_META));
+                PyTuple_SET_ITEM(entry, 10, bytes_or_none(
+                    buf + body_end, MAC_SIZE, flags & FLAG_MAC));
+                {
+                    Py_ssize_t i;
+                    for (i = 0; i < 11; i++)
+                        if (PyTuple_GET_ITEM(entry, i) == NULL) {
+                            Py_DECREF(entry);
+                            goto done;
+                        }
+                }
+                if (PyList_Append(txn, entry)) {
+                    Py_DECREF(entry);
+                    goto done;
+                }
+                Py_DECREF(entry);
+            }
+            pos = end + 4;
+            expected++;
+            if (flags & FLAG_END) {
+                Py_ssize_t i, m = PyList_GET_SIZE(txn);
+                for (i = 0; i < m; i++)
+                    if (PyList_Append(out, PyList_GET_ITEM(txn, i)))
+                        goto done;
+                if (PyList_SetSlice(txn, 0, m, NULL))
+                    goto done;
+                txn_pos = pos;
+                txn_expected = expected;
+                if (seq + 1 >= stop) {
+                    reached = 1;
+                    break;
+                }
+            }
+        }
+    }
+    result = Py_BuildValue("nKOi", txn_pos, txn_expected, out, reached);
+
+done:
+    Py_XDECREF(out);
+    Py_XDECREF(txn);
+    PyBuffer_Release(&view);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"check_run", check_run, METH_VARARGS, check_run_doc},
+    {"read_run", read_run, METH_VARARGS, read_run_doc},
     {NULL, NULL, 0, NULL}
 };
 

@@ -91,8 +91,9 @@ from zjournal.interfaces import IJournal
 
 try:
     from zjournal._speedups import check_run as _check_run
+    from zjournal._speedups import read_run as _read_run
 except ImportError:  # not built: the Python loop does it all
-    _check_run = None
+    _check_run = _read_run = None
 
 logger = logging.getLogger(__name__)
 
@@ -1070,7 +1071,9 @@ def _scan(f, path, base, expected, start, stop, lenient_tail, report,
         signed = unsigned = queries = 0
         # Signatures are checked by the Python loop only.
         fast = _check_run if key is None else None
-        fast_stop = min(stop, _MAX_SEQ)
+    else:
+        fast = _read_run
+    fast_stop = min(stop, _MAX_SEQ)
     while True:
         if not eof and len(buf) - pos < READ_CHUNK:
             chunk = f.read(READ_CHUNK)
@@ -1102,6 +1105,15 @@ def _scan(f, path, base, expected, start, stop, lenient_tail, report,
                 held.append(make(Entry, (held_seq, 0.0, 0, 0, "", b"",
                                          offset + held_pos, 0, GENESIS,
                                          None, None)))
+        elif fast is not None and not held:
+            # Whole transactions in C; the loop below reads what it
+            # leaves (a transaction split across reads, or damage).
+            pos, expected, got, reached = fast(
+                buf, pos, expected, max(start, 0), fast_stop, offset, names,
+                Entry)
+            yield from got
+            if reached:
+                return None
         while pos + RECORD_HEAD_SIZE <= size:
             (crc, n, seq, t, flags, reserved, version, k,
              prev) = unpack(buf, pos)

@@ -48,10 +48,31 @@ def _verify(path, fast, **kw):
         journal_module._check_run = saved
 
 
+def _entries(path, fast, start=1, stop=None):
+    saved = journal_module._read_run
+    journal_module._read_run = speedups.read_run if fast else None
+    try:
+        j = FileJournal(path, readonly=True)
+        try:
+            got = [(type(e).__name__,) + tuple(e)
+                   for e in j.entries(start, stop)]
+            return ("ok", got)
+        finally:
+            j.close()
+    except ZJournalError as e:
+        return (type(e).__name__, getattr(e, "path", None),
+                getattr(e, "offset", None), getattr(e, "seq", None))
+    finally:
+        journal_module._read_run = saved
+
+
 def _same(path, **kw):
     slow = _verify(path, False, **kw)
     fast = _verify(path, True, **kw)
     assert fast == slow
+    for start, stop in ((1, None), (2, 5), (4, None), (1, 3)):
+        assert _entries(path, True, start, stop) == _entries(
+            path, False, start, stop)
     return slow
 
 
@@ -136,3 +157,19 @@ def test_transactions_across_read_chunks(tmp_path, monkeypatch):
     path = str(tmp_path / "j")
     _build(path, [5, 1, 9, 2, 1, 30])
     assert _same(path)[1] == 48
+    for start in (1, 7, 17, 40):
+        for stop in (None, 3, 16, 18, 45):
+            assert _entries(path, True, start, stop) == _entries(
+                path, False, start, stop)
+
+
+def test_entries_are_the_same_objects_in_value(tmp_path):
+    path = str(tmp_path / "j")
+    _build(path, [1, 3, 1], key=b"k")
+    kind, entries = _entries(path, True)
+    assert kind == "ok" and len(entries) == 5
+    assert all(e[0] == "Entry" for e in entries)
+    j = FileJournal(path, readonly=True)
+    e = list(j.entries())[2]
+    j.close()
+    assert e.mac is not None and e.hash  # the named fields work
