@@ -127,6 +127,9 @@ class JournaledDB:
         # conflicts between threads into a short wait.
         self._lock = threading.RLock()
         self._needs_catch_up = False
+        # Transient errors (conflicts, a journal found ahead) retried by
+        # execute(), for operators and benchmarks.
+        self.retried = 0
         self._exec_tm = None
         self._exec_conn = None
         self._closed = False
@@ -231,6 +234,7 @@ class JournaledDB:
 
     def _pause(self, attempt, error):
         """Back off before retrying after a transient error."""
+        self.retried += 1
         if isinstance(error, JournalSequenceError):
             self._needs_catch_up = True
         logger.debug("retrying after %s", error)
