@@ -41,10 +41,13 @@ from zjournal.errors import ZJournalError
 from zjournal.errors import ZODBAheadError
 from zjournal.journal import FileJournal
 from zjournal.marker import MARKER_KEY
+from zjournal.sqljournal import PostgresJournal
+from zjournal.sqljournal import SQLiteJournal
 from zjournal.uri import open_journal
 
 __all__ = [
     "Command", "Context", "FileJournal", "JournaledDB", "MARKER_KEY",
+    "SQLiteJournal", "PostgresJournal",
     "execute", "query", "register_type", "upcaster", "open_journal",
     "ZJournalError", "JournalError", "CorruptJournalError",
     "JournalLockedError", "JournalFailedError", "JournalWriteError",

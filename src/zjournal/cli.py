@@ -314,10 +314,17 @@ def cmd_info(args):
     print("identity:   %s" % info["identity"])
     print("format:     %d" % info["format_version"])
     print("created:    %s" % iso(info["created"]))
-    print("segments:   %d (%s bytes)" % (info["segments"],
-                                         format(info["bytes"], ",")))
+    backend = info.get("backend", "file")
+    if backend == "file":
+        print("segments:   %d (%s bytes)" % (info["segments"],
+                                             format(info["bytes"], ",")))
+    else:
+        print("backend:    %s (%s bytes)" % (backend,
+                                             format(info["bytes"], ",")))
     print("seq:        %d .. %d" % (info["first_seq"], info["last_seq"]))
-    print("writer:     %s" % ("active" if info["writer_active"] else "none"))
+    if info["writer_active"] is not None:
+        print("writer:     %s" % ("active" if info["writer_active"]
+                                  else "none"))
     torn = info["torn_tail"]
     if torn:
         print("tail:       incomplete, %d bytes at %s:%d (%s)"
@@ -329,6 +336,7 @@ def cmd_verify(args):
     from zjournal.errors import CorruptJournalError
     from zjournal.errors import DecodeError
     from zjournal.errors import JournalKeyError
+    from zjournal.journal import FileJournal
     from zjournal.journal import writer_active
     with open_journal(args.journal, hmac_key(args.hmac_key_env)) as journal:
         try:
@@ -339,13 +347,17 @@ def cmd_verify(args):
         except (CorruptJournalError, DecodeError, JournalKeyError) as e:
             print("FAILED: %s" % e)
             return EXIT_FAILURE
-        busy = writer_active(journal.path)
+        # SQL journals are shared by design: no lock to ask about.
+        busy = (writer_active(journal.path)
+                if isinstance(journal, FileJournal) else None)
         zodb = None if args.zodb is None else check_zodb(
             args.zodb, journal, report)
     rate = report.records / max(report.seconds, 1e-9)
-    print("%s: %s records in %d segment(s), %s bytes, seq %s..%d"
+    where = ("%d segment(s)" % report.segments
+             if isinstance(journal, FileJournal) else "the database")
+    print("%s: %s records in %s, %s bytes, seq %s..%d"
           " (%.0f records/s)" % (
-              journal.path, format(report.records, ","), report.segments,
+              journal.path, format(report.records, ","), where,
               format(report.bytes, ","), report.first_seq or "-",
               report.last_seq, rate))
     print("chain head %s; %s signed, %s unsigned records" % (
