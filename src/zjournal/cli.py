@@ -510,9 +510,13 @@ def cmd_dump(args):
 
 
 def _shown(entry_args):
-    if isinstance(entry_args, dict):
-        return " ".join("%s=%r" % kv for kv in sorted(entry_args.items()))
-    return repr(entry_args)
+    try:
+        if isinstance(entry_args, dict):
+            return " ".join("%s=%r" % kv
+                            for kv in sorted(entry_args.items()))
+        return repr(entry_args)
+    except RecursionError:
+        return "<arguments nested too deep to show>"
 
 
 def _who(entry):

@@ -149,12 +149,23 @@ def rendered_args(payload):
         return {"args": None, "args_error": str(e)}
 
 
-def jsonable(value):
+# Deeper containers are shown as a marker: legal pickles can nest (or
+# refer to themselves) far beyond what a reader, or json, can recurse into.
+MAX_RENDER_DEPTH = 100
+
+
+def jsonable(value, _depth=0, _path=()):
     """Command arguments as JSON can carry them (strings for the rest)."""
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return [jsonable(v) for v in value]
+    if isinstance(value, (dict, list, tuple, set, frozenset)):
+        if id(value) in _path:
+            return "<cycle>"
+        if _depth >= MAX_RENDER_DEPTH:
+            return "<nested deeper than %d>" % MAX_RENDER_DEPTH
+        path = _path + (id(value),)
+        if isinstance(value, dict):
+            return {str(k): jsonable(v, _depth + 1, path)
+                    for k, v in value.items()}
+        return [jsonable(v, _depth + 1, path) for v in value]
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, (datetime.date, datetime.time)):

@@ -1289,3 +1289,20 @@ def test_directory_without_segments(tmp_path, capsys):
     assert status == 1
     assert "no segment files" in err
     assert os.listdir(str(tmp_path)) == []
+
+
+def test_dump_shows_arguments_that_refer_to_themselves(tmp_path, capsys):
+    import pickle
+    from zjournal import FileJournal
+    cyclic = [1]
+    cyclic.append(cyclic)  # a legal pickle that refers to itself
+    payload = pickle.dumps({"cyclic": cyclic}, 4)
+    path = str(tmp_path / "j")
+    j = FileJournal(path, fsync="never")
+    j.append([(1, 1.0, 1, "tests.deep", payload)])
+    j.close()
+    for extra in ([], ["--json"]):
+        status, out, err = run(capsys, "dump", path, *extra)
+        assert status == 0, err
+        assert "Traceback" not in err
+        assert out.count("\n") == 1

@@ -656,3 +656,21 @@ def test_an_export_file_is_owner_only(site, tmp_path, capsys):
     path = tmp_path / "e.jsonl"
     export_file(capsys, site.journal, path)
     assert stat.S_IMODE(os.stat(str(path)).st_mode) == 0o600
+
+
+def test_deep_and_cyclic_arguments_render_without_recursing():
+    from zjournal.export import MAX_RENDER_DEPTH
+    from zjournal.export import jsonable
+    deep = []
+    for _ in range(5000):
+        deep = [deep]
+    rendered = jsonable({"deep": deep})
+    depth, node = 0, rendered["deep"]
+    while isinstance(node, list):
+        node, depth = node[0], depth + 1
+    assert depth == MAX_RENDER_DEPTH - 1
+    assert node.startswith("<nested deeper")
+    cyclic = [1]
+    cyclic.append(cyclic)
+    assert jsonable(cyclic) == [1, "<cycle>"]
+    json.dumps(rendered)  # and json can write it
