@@ -161,8 +161,12 @@ class JournaledDB:
                              {"journaled_db": self})
         # Connections pooled before now (DB() opens one to create the root)
         # are of the plain class; drop them so that every connection
-        # handed out from now on reports its changes.
-        self.db.pool.clear()
+        # handed out from now on reports its changes.  Shrinking the pool
+        # to nothing releases what each held (a storage view; with
+        # RelStorage, a database session): clearing it would leak them.
+        size = self.db.getPoolSize()
+        self.db.setPoolSize(0)
+        self.db.setPoolSize(size)
 
     # -- running commands ----------------------------------------------
 
