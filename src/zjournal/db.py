@@ -144,8 +144,7 @@ class JournaledDB:
                                 % (db,))
         try:
             self._install_connection_class()
-            self.recovery = recovery.recover(
-                db, journal, batch_size=batch_size, progress=progress)
+            self.recovery = self._recover()
         except BaseException:
             # The caller handed both over, often without keeping a name for
             # them: a refusal must not leave the journal's lock held.
@@ -155,6 +154,24 @@ class JournaledDB:
             finally:
                 getattr(journal, "close_refused", journal.close)()
             raise
+
+    def _recover(self):
+        """Recover on open; a conflict with another process is retried.
+
+        With a shared journal, another process may be between its journal
+        commit and its ZODB finish right now: replaying its command here
+        then conflicts once it finishes, and the retry finds the ZODB
+        current.
+        """
+        for attempt in range(self.retries + 1):
+            try:
+                return recovery.recover(self.db, self.journal,
+                                        batch_size=self.batch_size,
+                                        progress=self.progress)
+            except transaction.interfaces.TransientError as e:
+                if attempt == self.retries:
+                    raise
+                self._pause(attempt, e)
 
     def _install_connection_class(self):
         self.db.klass = type("JournaledConnection", (JournaledConnection,),

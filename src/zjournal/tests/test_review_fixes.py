@@ -509,3 +509,24 @@ def test_a_catch_up_that_conflicts_is_retried(site, fsync):
     assert len(calls) == 2
     assert [e.seq for e in jdb.journal.entries()] == [1, 2]
     jdb.close()
+
+
+def test_recovery_on_open_retries_a_conflict(site, monkeypatch):
+    from ZODB.POSException import ConflictError
+    from zjournal import recovery
+    jdb = site.open()
+    jdb.execute(Put("a", 1))
+    jdb.close()
+    real, calls = recovery.recover, []
+
+    def recover(*args, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            raise ConflictError("another process finished meanwhile")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(recovery, "recover", recover)
+    jdb = site.open()
+    assert jdb.recovery.action == "current"
+    assert (len(calls), jdb.retried) == (2, 1)
+    jdb.close()
