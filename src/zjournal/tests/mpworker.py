@@ -31,8 +31,10 @@ def open_store(spec):
                           options=options)
     if kind == "zeo":
         import ZEO.ClientStorage
-        host, _, port = rest.rpartition(":")
-        return ZEO.ClientStorage.ClientStorage((host, int(port)), wait=True)
+        address, _, name = rest.partition("/")
+        host, _, port = address.rpartition(":")
+        return ZEO.ClientStorage.ClientStorage(
+            (host, int(port)), storage=name or "1", wait=True)
     raise SystemExit("unknown store %r" % spec)
 
 

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import transaction
@@ -48,6 +49,17 @@ def relstorage(database):
     return "relstorage:" + database, _uri(database)
 
 
+@pytest.fixture
+def zeo(database, tmp_path):
+    from zjournal.tests.stores import ZEOServer
+    server = ZEOServer(str(tmp_path / "zeo"), count=1)
+    try:
+        host, port = server.address
+        yield "zeo:%s:%d/%s" % (host, port, server.take()), _uri(database)
+    finally:
+        server.stop()
+
+
 def _initialize(store, uri):
     """Create the schema, the root and the marker once, as a deployment
     does before starting its application processes."""
@@ -57,6 +69,7 @@ def _initialize(store, uri):
 
 def _run(store, uri, tmp_path, kill=None):
     _initialize(store, uri)
+    began = time.monotonic()
     procs = []
     for w in range(WORKERS):
         env = dict(os.environ)
@@ -71,6 +84,9 @@ def _run(store, uri, tmp_path, kill=None):
     for p in procs:
         _, err = p.communicate(timeout=300)
         results.append((p.returncode, err.decode(errors="replace")))
+    # Wall time of the whole run (process start-up included), for the
+    # figure the test prints.
+    _run.seconds = time.monotonic() - began
     return results
 
 
@@ -158,10 +174,28 @@ def test_relstorage_and_postgres_journal_four_processes(relstorage,
     results = _run(store, uri, tmp_path)
     figures = _check(store, uri, tmp_path, results)
     assert figures["commands"] == WORKERS * COUNT
-    print("relstorage: %(commands)d commands, %(retried)d retried" % figures)
+    print("relstorage: %d commands, %d retried, %.0f commands/s (wall,"
+          " start-up included)" % (figures["commands"], figures["retried"],
+                                   figures["commands"] / _run.seconds))
 
 
 def test_relstorage_one_worker_killed_mid_commit(relstorage, tmp_path):
     store, uri = relstorage
     results = _run(store, uri, tmp_path, kill=COUNT // 3)
+    _check(store, uri, tmp_path, results, killed=True)
+
+
+def test_zeo_and_postgres_journal_four_processes(zeo, tmp_path):
+    store, uri = zeo
+    results = _run(store, uri, tmp_path)
+    figures = _check(store, uri, tmp_path, results)
+    assert figures["commands"] == WORKERS * COUNT
+    print("zeo: %d commands, %d retried, %.0f commands/s (wall, start-up"
+          " included)" % (figures["commands"], figures["retried"],
+                          figures["commands"] / _run.seconds))
+
+
+def test_zeo_one_worker_killed_mid_commit(zeo, tmp_path):
+    store, uri = zeo
+    results = _run(store, uri, tmp_path, kill=COUNT // 2)
     _check(store, uri, tmp_path, results, killed=True)
