@@ -11,6 +11,7 @@ flushed at once, so that a worker killed later still reports it.
 """
 import json
 import sys
+import time
 
 import ZODB
 
@@ -42,6 +43,7 @@ def main(store, journal_uri, worker, count, out):
     worker, count = int(worker), int(count)
     jdb = JournaledDB(ZODB.DB(open_store(store)), open_journal(journal_uri),
                       retries=1000)
+    began = time.time()
     with open(out, "a") as acks:
         for k in range(count):
             if k % 2:
@@ -54,7 +56,8 @@ def main(store, journal_uri, worker, count, out):
             acks.write(json.dumps(ack) + "\n")
             acks.flush()
         acks.write(json.dumps({"worker": worker, "done": True,
-                               "retried": jdb.retried}) + "\n")
+                               "retried": jdb.retried, "began": began,
+                               "ended": time.time()}) + "\n")
     jdb.close()
 
 
