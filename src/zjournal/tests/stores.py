@@ -401,18 +401,44 @@ def _journaled_increment(jdb, n):
     return time.perf_counter() - began
 
 
-def measure(kinds=("filestorage", "relstorage-hf", "relstorage-hp", "zeo"),
-            n=200, runs=5, directory=None, out=sys.stdout):
-    """Commits per second of ``JournaledDB.execute(Increment("n"))``
-    (FileJournal, fsync="always") and of plain commits of the same change,
-    on each kind of store; runs interleaved, medians reported.  A third
-    series, plain commits that also change a second object, shows what
-    the marker costs (every journaled transaction writes it).
-
-    Returns ``{kind: {"journaled": /s, "plain": /s, "plain+1": /s,
-    "ratio": journaled/plain, "ratio+1": journaled/plain+1}}``.
-    """
+def _journal(kind, directory, name):
+    """A fresh journal of ``kind`` ("file" or "postgresql") and a
+    function that removes it."""
     from zjournal import FileJournal
+    if kind == "file":
+        path = os.path.join(directory, "journal-" + name)
+        return (FileJournal(path, fsync="always"),
+                lambda: shutil.rmtree(path, ignore_errors=True))
+    from zjournal.sqljournal import PostgresJournal
+    from zjournal.tests import services
+    import psycopg2
+    dsn = services.DSN
+    table = services.unique_name("zjbench")
+    journal = PostgresJournal(dsn, table=table, fsync="always")
+
+    def drop():
+        conn = psycopg2.connect(dsn)
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("DROP TABLE IF EXISTS %s, %s_info" % (table, table))
+        conn.close()
+    return journal, drop
+
+
+def measure(kinds=("filestorage", "relstorage-hf", "relstorage-hp", "zeo"),
+            n=200, runs=5, directory=None, out=sys.stdout,
+            journals=("file",)):
+    """Commits per second of ``JournaledDB.execute(Increment("n"))``
+    (journal fsync="always": a FileJournal, or a PostgresJournal on the
+    test database) and of plain commits of the same change, on each kind
+    of store; runs interleaved, medians reported.  A third series, plain
+    commits that also change a second object, shows what the marker costs
+    (every journaled transaction writes it).
+
+    Returns ``{"<kind>/<journal>": {"journaled": /s, "plain": /s,
+    "plain+1": /s, "ratio": journaled/plain, "ratio+1": journaled/plain+1,
+    "samples": {...}}}``.
+    """
     from zjournal import JournaledDB
 
     own_dir = directory is None
@@ -421,12 +447,14 @@ def measure(kinds=("filestorage", "relstorage-hf", "relstorage-hp", "zeo"),
     zeo_servers = ZEOServers(os.path.join(directory, "zeo"))
     results = {}
     try:
-        for kind in kinds:
-            with StoreMaker(directory, zeo_servers) as maker:
+        for kind, journal_kind in [(k, j) for k in kinds for j in journals]:
+            # A directory per pair: FileStorages are numbered per maker.
+            where = os.path.join(directory, "%s-%s" % (kind, journal_kind))
+            os.makedirs(where)
+            with StoreMaker(where, zeo_servers) as maker:
                 plain_db = maker.make(kind).db()
-                journal_dir = os.path.join(directory, "journal-" + kind)
-                jdb = JournaledDB(maker.make(kind).db(),
-                                  FileJournal(journal_dir, fsync="always"))
+                journal, remove = _journal(journal_kind, where, kind)
+                jdb = JournaledDB(maker.make(kind).db(), journal)
                 series = {"journaled": [], "plain": [], "plain+1": []}
                 try:
                     _plain_increment(plain_db, 20, True)  # warm up
@@ -440,14 +468,16 @@ def measure(kinds=("filestorage", "relstorage-hf", "relstorage-hp", "zeo"),
                             n / _plain_increment(plain_db, n, True))
                 finally:
                     jdb.close()
-                    shutil.rmtree(journal_dir, ignore_errors=True)
+                    remove()
             found = {k: statistics.median(v) for k, v in series.items()}
             found["ratio"] = found["journaled"] / found["plain"]
             found["ratio+1"] = found["journaled"] / found["plain+1"]
-            results[kind] = found
-            print("%-14s journaled %6.0f/s  plain %6.0f/s  plain+1 %6.0f/s"
+            found["samples"] = series
+            label = "%s/%s" % (kind, journal_kind)
+            results[label] = found
+            print("%-25s journaled %6.0f/s  plain %6.0f/s  plain+1 %6.0f/s"
                   "  ratio %.2f  ratio+1 %.2f"
-                  % (kind, found["journaled"], found["plain"],
+                  % (label, found["journaled"], found["plain"],
                      found["plain+1"], found["ratio"], found["ratio+1"]),
                   file=out)
             for name, values in series.items():
