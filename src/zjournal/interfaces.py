@@ -64,6 +64,10 @@ class IJournal(Interface):
     head = Attribute("The chain hash of the last record (16 zero bytes for"
                      " an empty journal).")
 
+    def tail():
+        """``(last_seq, head)``, read as one consistent pair (a journal
+        shared by several processes may grow between two reads)."""
+
     def prepare(items, prev=None):
         """Encode one transaction's records, chained after ``prev``.
 

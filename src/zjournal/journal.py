@@ -704,6 +704,11 @@ class FileJournal:
     def identity(self):
         return str(uuid.UUID(bytes=self.identity_bytes))
 
+    def tail(self):
+        """``(last_seq, head)``, as one consistent pair."""
+        with self._append_lock:
+            return self.last_seq, self.head
+
     def prepare(self, items, prev=None):
         """Encode one transaction's records into a :class:`Batch`.
 

@@ -122,10 +122,12 @@ def recover(db, journal, batch_size=1000, progress=None):
     :class:`~zjournal.errors.RecoveryError` and change nothing.
     """
     began = time.perf_counter()
-    last = journal.last_seq
     with _system_connection(db) as (tm, conn):
         root = conn.root()
         marker = root.get(MARKER_KEY)
+        # Read after the marker: a journal shared with other processes
+        # only grows, so it is then at least where the marker says.
+        last = _tail(journal)[0]
         if marker is None:
             if len(root):
                 raise NotJournaledError(
@@ -249,6 +251,14 @@ def check_replayable(entries, head=None):
         known.add(key)
 
 
+def _tail(journal):
+    """The journal's (last_seq, head), in one read where it can."""
+    tail = getattr(journal, "tail", None)
+    if tail is not None:
+        return tail()
+    return journal.last_seq, getattr(journal, "head", None)
+
+
 def _check_marker(marker, journal):
     if marker.skipped:
         raise ForensicZODBError(
@@ -282,8 +292,8 @@ def _check_marker(marker, journal):
             " commands are lost"
             % (marker.last_seq, journal.path, journal.last_seq,
                marker.last_seq - journal.last_seq))
-    head = getattr(journal, "head", None)
-    if (marker.last_seq == journal.last_seq and marker.head is not None
+    last_seq, head = _tail(journal)
+    if (marker.last_seq == last_seq and marker.head is not None
             and head is not None and marker.head != head):
         raise HistoryMismatchError(
             "journal %s ends at seq %d, as the ZODB does, but its last"

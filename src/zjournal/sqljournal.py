@@ -488,19 +488,25 @@ class SQLJournal:
 
     # -- the state, read fresh: other processes append -------------------
 
-    def _tail(self):
+    def tail(self):
+        """``(last_seq, head)`` read together, in one query.
+
+        Another process may append between two separate reads of
+        :attr:`last_seq` and :attr:`head`; recovery compares both with the
+        marker, so it reads them here.
+        """
         row = self._query(self._sql["tail"], one=True)
         return (0, GENESIS) if row is None else (row[0], bytes(row[1]))
 
     @property
     def last_seq(self):
         """The last sequence number in the database now (0: empty)."""
-        return self._tail()[0]
+        return self.tail()[0]
 
     @property
     def head(self):
         """The chain hash of the last record in the database now."""
-        return self._tail()[1]
+        return self.tail()[1]
 
     @property
     def first_seq(self):

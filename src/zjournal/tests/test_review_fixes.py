@@ -530,3 +530,27 @@ def test_recovery_on_open_retries_a_conflict(site, monkeypatch):
     assert jdb.recovery.action == "current"
     assert (len(calls), jdb.retried) == (2, 1)
     jdb.close()
+
+
+def test_recovery_reads_the_journal_tail_as_one_pair(site):
+    # A shared journal can grow between a read of last_seq and one of
+    # head; recovery must compare the marker with a consistent pair.
+    jdb = site.open()
+    jdb.execute(Put("a", 1))
+    jdb.close()
+
+    class Racing(FileJournal):
+        @property
+        def head(self):  # as if another process appended meanwhile
+            return b"\x42" * 16
+
+        @head.setter
+        def head(self, value):
+            self.__dict__["_true_head"] = value
+
+        def tail(self):
+            return self.last_seq, self.__dict__["_true_head"]
+
+    jdb = zjournal.JournaledDB(site.db(), Racing(site.journal_dir))
+    assert jdb.recovery.action == "current"
+    jdb.close()
