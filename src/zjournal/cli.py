@@ -13,7 +13,7 @@ Usage::
                          [--skip-unknown]
     zodb-journal export JOURNAL [--format jsonl] [--output FILE|-]
                         [--start N] [--stop N] [--import M]
-    zodb-journal import FILE JOURNAL_DIR [--hmac-key-env VAR] [--import M]
+    zodb-journal import FILE JOURNAL [--hmac-key-env VAR] [--import M]
     zodb-journal salvage SRC DST [--json]
     zodb-journal demo [--dir DIR] [--commands N]
 
@@ -202,9 +202,10 @@ def _parser():
     p.add_argument("source", metavar="FILE",
                    help="an export of zodb-journal export; - for standard"
                         " input")
-    p.add_argument("target", metavar="JOURNAL_DIR",
-                   help="directory for the new journal (must not exist or"
-                        " be empty)")
+    p.add_argument("target", metavar="JOURNAL",
+                   help="the new journal: a directory (that must not exist"
+                        " or be empty) or an sqlite:// or postgresql:// URI"
+                        " naming a journal that does not exist yet")
     _key_option(p, "sign the records with the key in environment variable"
                    " VAR, as the original journal's were (default: %s, when"
                    " set)" % HMAC_KEY_ENV)
@@ -670,7 +671,7 @@ def cmd_import(args):
     from zjournal.recovery import Progress
     key = hmac_key(args.hmac_key_env)
     import_modules(args.imports)
-    target = _journal_path(args.target)
+    target = args.target
     progress = Progress("import", tty=sys.stderr.isatty())
     try:
         if args.source == "-":

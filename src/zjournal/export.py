@@ -60,7 +60,8 @@ from zjournal.format import encode_meta
 from zjournal.format import pack_record
 from zjournal.format import record_hash
 from zjournal.journal import HMAC_KEY_ENV
-from zjournal.journal import FileJournal
+from zjournal.uri import open_journal
+from zjournal.uri import parse_journal_uri
 
 EXPORT_FORMAT = "zjournal-export"
 EXPORT_END = "zjournal-export-end"
@@ -204,21 +205,29 @@ def import_jsonl(lines, target, hmac_key=None, progress=None):
     """Create the journal ``target`` from the export ``lines``.
 
     ``lines`` iterates over the export's text lines (an open file).
-    ``target`` must not exist, or be an empty directory.  ``hmac_key``
+    ``target`` is a directory (or ``file://`` URI) that must not exist or
+    be empty, or an ``sqlite://`` or ``postgresql://`` URI naming a
+    journal that does not exist yet: an import moves a journal between
+    backends.  ``hmac_key``
     (bytes or str; None: ``ZJOURNAL_HMAC_KEY``, as for FileJournal) signs
     the records the original's key signed, and only those: a journal
     that got its key at some seq is imported switching keys there.  Raises
     :class:`ImportRefusedError` (or a journal error) after removing
     everything it created; returns an :class:`ImportReport`.
     """
-    _check_target(target)
-    made_dir = not os.path.exists(target)
+    kind, location, _ = parse_journal_uri(target)
+    if kind == "file":
+        _check_target(location)
+        made_dir = not os.path.exists(location)
     importer = _Importer(target, hmac_key, progress)
     try:
         report = importer.run(lines)
     except BaseException:
-        importer.close()
-        _remove_created(target, made_dir)
+        if kind == "file":
+            importer.close()
+            _remove_created(location, made_dir)
+        else:
+            importer.discard()
         raise
     importer.close()
     return report
@@ -260,6 +269,7 @@ class _Importer:
         self.key = hmac_key
         self.progress = progress
         self.journal = None
+        self.created = None   # whether this import created the journal
         self.signing = None   # whether self.journal signs what it appends
         self.lineno = 0
         self.seq = None
@@ -309,6 +319,16 @@ class _Importer:
     def close(self):
         if self.journal is not None:
             self.journal.close()
+
+    def discard(self):
+        """After a failure: remove the SQL journal this import created."""
+        journal, self.journal = self.journal, None
+        if journal is None:
+            return
+        if self.created:
+            journal.discard()
+        else:
+            journal.close()
 
     def _refuse(self, reason, seq=None, line=None):
         raise ImportRefusedError(line or self.lineno, seq, reason)
@@ -421,7 +441,10 @@ class _Importer:
         if self.signing is not signed:
             self._reopen(signed, first)
         batch = self.journal.prepare([r.item for r in pending])
-        if batch.data != b"".join(r.data for r in pending):
+        # The chain hash of the last record covers every byte of the
+        # transaction and the chain before it: equal heads, equal bytes
+        # (whatever form the journal keeps them in).
+        if batch.head != record_hash(pending[-1].data):
             if signed:
                 self._refuse("the signatures do not match the key: give the"
                              " key that signed the original journal",
@@ -453,15 +476,21 @@ class _Importer:
         self._open(signed, record)
 
     def _open(self, signed, record=None):
+        # Unsigned records are re-created unsigned (hmac_key=False), even
+        # while ZJOURNAL_HMAC_KEY is set.
         key = self.key if signed else None
-        if not signed and os.environ.get(HMAC_KEY_ENV):
-            self._refuse("the record is unsigned, but %s is set, and a"
-                         " journal opened with it signs every record; unset"
-                         " it (and pass the key with --hmac-key-env for"
-                         " signed records)" % HMAC_KEY_ENV,
-                         record and record.seq, record and record.line)
-        self.journal = FileJournal(self.target, fsync="never",
-                                   identity=self.identity, hmac_key=key)
+        self.journal = open_journal(self.target, fsync="never",
+                                    identity=self.identity,
+                                    hmac_key=key if key is not None
+                                    else False)
+        if self.created is None:
+            self.created = getattr(self.journal, "_made", True)
+            last = self.journal.last_seq
+            if last != 0:
+                journal, self.journal = self.journal, None
+                journal.close()
+                self._refuse("%s already holds a journal (up to seq %d);"
+                             " import into a new one" % (journal.path, last))
         self.signing = signed
 
     def _end(self, obj, pending):

@@ -852,6 +852,36 @@ class SQLJournal:
             finally:
                 self.close()
 
+    def discard(self):
+        """Remove this journal, records and all, and close it.
+
+        Only for a journal the caller has just created and filled itself
+        -- a failed import -- never for one that may hold acknowledged
+        commands: a refusal uses :meth:`close_refused`, which removes
+        nothing but an empty journal.
+        """
+        with self._lock:
+            try:
+                conn = self._connection(JournalWriteError)
+                cur = conn.cursor()
+                try:
+                    self._begin_create(cur)
+                    self._lock_for_drop(cur)
+                    self._drop_schema(cur)
+                    cur.execute("COMMIT")
+                except self._db_error:
+                    logger.exception("journal %s: could not remove it",
+                                     self.path)
+                    self._rollback(conn)
+                    return
+                finally:
+                    cur.close()
+                self._made = False
+                logger.info("journal %s: removed", self.path)
+                self._after_drop()
+            finally:
+                self.close()
+
     def _remove_if_empty(self):
         """Drop the schema of an empty journal, under the creation lock so
         that no other process is creating or appending meanwhile."""
