@@ -79,7 +79,7 @@ check_run(PyObject *self, PyObject *args)
                           &stop, &chain_in, &t_signed, &t_unsigned,
                           &t_queries))
         return NULL;
-    if (chain_in.len != HASH_SIZE || pos < 0) {
+    if (chain_in.len != HASH_SIZE || pos < 0 || pos > view.len) {
         PyBuffer_Release(&view);
         PyBuffer_Release(&chain_in);
         PyErr_SetString(PyExc_ValueError, "bad chain hash or position");
@@ -94,7 +94,7 @@ check_run(PyObject *self, PyObject *args)
         Py_ssize_t size = view.len;
 
         Py_BEGIN_ALLOW_THREADS
-        while (pos + HEAD_SIZE <= size) {
+        while (size - pos >= HEAD_SIZE) {
             const unsigned char *r = buf + pos;
             uint32_t crc = be32(r);
             uint32_t n = be32(r + 4);
@@ -207,6 +207,10 @@ read_run(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_TypeError, "entry_type must be a tuple type");
         goto done;
     }
+    if (pos < 0 || pos > view.len) {
+        PyErr_SetString(PyExc_ValueError, "position outside the buffer");
+        goto done;
+    }
     out = PyList_New(0);
     txn = PyList_New(0);
     if (out == NULL || txn == NULL)
@@ -218,7 +222,7 @@ read_run(PyObject *self, PyObject *args)
         Py_ssize_t size = view.len;
         PyTypeObject *type = (PyTypeObject *)entry_type;
 
-        while (pos + HEAD_SIZE <= size) {
+        while (size - pos >= HEAD_SIZE) {
             const unsigned char *r = buf + pos;
             uint32_t crc = be32(r);
             uint32_t n = be32(r + 4);

@@ -40,6 +40,7 @@ import base64
 import binascii
 import datetime
 import json
+import logging
 import math
 import os
 import shutil
@@ -62,6 +63,8 @@ from zjournal.format import record_hash
 from zjournal.journal import HMAC_KEY_ENV
 from zjournal.uri import open_journal
 from zjournal.uri import parse_journal_uri
+
+logger = logging.getLogger(__name__)
 
 EXPORT_FORMAT = "zjournal-export"
 EXPORT_END = "zjournal-export-end"
@@ -270,6 +273,7 @@ class _Importer:
         self.progress = progress
         self.journal = None
         self.created = None   # whether this import created the journal
+        self.appended = (0, GENESIS)  # the tail this import's appends left
         self.signing = None   # whether self.journal signs what it appends
         self.lineno = 0
         self.seq = None
@@ -326,7 +330,12 @@ class _Importer:
         if journal is None:
             return
         if self.created:
-            journal.discard()
+            try:
+                journal.discard(self.appended)
+            except ZJournalError as e:
+                # Never remove what someone else may have been told is
+                # journaled: report it, and leave the journal.
+                logger.error("import: %s", e)
         else:
             journal.close()
 
@@ -452,6 +461,7 @@ class _Importer:
             self._refuse("the records do not re-encode to the same bytes",
                          first.seq, first.line)
         self.journal.append(batch)
+        self.appended = (batch.last, batch.head)
         self.records += len(pending)
         if signed:
             self.signed += len(pending)

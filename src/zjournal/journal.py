@@ -107,8 +107,10 @@ DEFAULT_SEGMENT_SIZE = 64 << 20
 # How much of the end of the last segment opening reads to prove the tail
 # clean; a last transaction larger than this is checked by a scan.
 TAIL_WINDOW = 1 << 16
-# The C scan takes seqs as unsigned 64-bit integers.
+# The C scan takes seqs as unsigned 64-bit integers; it is used for
+# journals whose seqs are far from wrapping.
 _MAX_SEQ = (1 << 64) - 1
+_C_SEQ_LIMIT = 1 << 62
 
 # Reads go through buffers of this size: a replay's memory does not grow
 # with the size of a segment.
@@ -1079,6 +1081,11 @@ def _scan(f, path, base, expected, start, stop, lenient_tail, report,
     else:
         fast = _read_run
     fast_stop = min(stop, _MAX_SEQ)
+    if not (type(start) is int and 0 <= start <= _MAX_SEQ
+            and expected < _C_SEQ_LIMIT):
+        # Outside what the C loop's unsigned 64-bit seqs can hold: the
+        # Python loop alone, which takes any int.
+        fast = None
     while True:
         if not eof and len(buf) - pos < READ_CHUNK:
             chunk = f.read(READ_CHUNK)

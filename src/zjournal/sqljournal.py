@@ -852,13 +852,16 @@ class SQLJournal:
             finally:
                 self.close()
 
-    def discard(self):
+    def discard(self, expected):
         """Remove this journal, records and all, and close it.
 
         Only for a journal the caller has just created and filled itself
         -- a failed import -- never for one that may hold acknowledged
         commands: a refusal uses :meth:`close_refused`, which removes
-        nothing but an empty journal.
+        nothing but an empty journal.  ``expected`` is the ``(last_seq,
+        head)`` the caller's own appends left: if the journal's tail is
+        anything else under the lock, another writer appended, and the
+        journal is left in place (JournalError).
         """
         with self._lock:
             try:
@@ -867,6 +870,16 @@ class SQLJournal:
                 try:
                     self._begin_create(cur)
                     self._lock_for_drop(cur)
+                    cur.execute(self._sql["tail"])
+                    row = cur.fetchone()
+                    tail = (0, GENESIS) if row is None else (
+                        row[0], bytes(row[1]))
+                    if tail != tuple(expected):
+                        self._rollback(conn)
+                        raise JournalError(
+                            "journal %s: another writer appended to it (it"
+                            " ends at seq %d, not %d); it was left in place"
+                            % (self.path, tail[0], expected[0]))
                     self._drop_schema(cur)
                     cur.execute("COMMIT")
                 except self._db_error:

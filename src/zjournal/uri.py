@@ -72,9 +72,11 @@ def parse_journal_uri(uri):
                 "journal URI %r: unknown option %r (known: %s)"
                 % (_safe(uri), name, ", ".join(sorted(known))))
     if kind == "postgresql":
+        # libpq decodes %20, not "+": quote, never quote_plus.
         location = urllib.parse.urlunsplit(
             ("postgresql", parts.netloc, parts.path,
-             urllib.parse.urlencode(passed), ""))
+             urllib.parse.urlencode(passed, quote_via=urllib.parse.quote),
+             ""))
         return kind, location, options
     if parts.netloc not in ("", "localhost"):
         raise JournalURIError(
@@ -107,10 +109,21 @@ def open_journal(uri, **kw):
     return sqljournal.PostgresJournal(location, **options)
 
 
+_SECRET_PARAMETERS = ("password", "sslpassword")
+
+
 def _safe(uri):
-    """A URI fit for a message: any password is masked."""
+    """A URI fit for a message: any password is masked, in the user part
+    and in the query string alike."""
     parts = urllib.parse.urlsplit(uri)
-    if parts.password is None:
-        return uri
-    netloc = parts.netloc.replace(":%s@" % parts.password, ":***@", 1)
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    netloc, query = parts.netloc, parts.query
+    if parts.password is not None:
+        netloc = netloc.replace(":%s@" % parts.password, ":***@", 1)
+    if query:
+        query = "&".join(
+            "%s=***" % name if name in _SECRET_PARAMETERS else
+            "%s=%s" % (name, urllib.parse.quote(value))
+            for name, value in urllib.parse.parse_qsl(
+                query, keep_blank_values=True))
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc,
+                                                  query=query))

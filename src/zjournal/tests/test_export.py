@@ -709,7 +709,7 @@ def test_import_moves_a_journal_to_another_backend(site, tmp_path, capsys,
         assert moved.last_seq == site_last_seq(site)
     finally:
         if backend == "postgresql":
-            moved.discard()
+            moved.discard(moved.tail())
         else:
             moved.close()
 
@@ -733,3 +733,35 @@ def test_a_failed_import_into_sqlite_removes_the_new_journal(
         assert journal.last_seq == 0  # nothing of the failed import stays
     finally:
         journal.close_refused()
+
+
+def test_a_failed_import_leaves_records_another_writer_appended(
+        site, tmp_path, capsys):
+    """Someone appends to the new journal while the import runs; the import
+    then fails, and must not remove what that writer was told is
+    journaled."""
+    from zjournal import open_journal
+    from zjournal.export import import_jsonl
+    from zjournal.errors import ZJournalError
+    export_file(capsys, site.journal, tmp_path / "e.jsonl")
+    lines = (tmp_path / "e.jsonl").read_text().splitlines(True)
+    target = "sqlite://%s" % (tmp_path / "moved.sqlite")
+    other = {}
+
+    def feed():
+        for i, line in enumerate(lines):
+            if i == 3:  # header, records 1 and 2 are in: someone appends
+                j = open_journal(target)
+                j.append([(j.last_seq + 1, 1.0, 1, "intruder", b"x")])
+                other["tail"] = j.tail()
+                j.close()
+            yield line
+
+    with pytest.raises(ZJournalError):
+        import_jsonl(feed(), target)
+    j = open_journal(target, readonly=True)
+    try:
+        assert j.tail() == other["tail"]
+        assert [e.command_name for e in j.entries()][-1] == "intruder"
+    finally:
+        j.close()

@@ -173,3 +173,29 @@ def test_entries_are_the_same_objects_in_value(tmp_path):
     e = list(j.entries())[2]
     j.close()
     assert e.mac is not None and e.hash  # the named fields work
+
+
+def test_out_of_range_starts_behave_as_in_python(tmp_path):
+    path = str(tmp_path / "j")
+    _build(path, [1, 2, 1])
+    for start in (2 ** 64, 2 ** 64 + 3, 2 ** 70):
+        assert _entries(path, True, start) == _entries(path, False, start)
+        assert _entries(path, True, start)[1] == []
+    saved = journal_module._read_run
+    journal_module._read_run = speedups.read_run
+    try:
+        j = FileJournal(path, readonly=True)
+        assert [e.seq for e in j.entries(2.0)] == [2, 3, 4]
+        j.close()
+    finally:
+        journal_module._read_run = saved
+
+
+def test_bad_positions_are_errors_not_crashes():
+    from zjournal.journal import Entry
+    with pytest.raises(ValueError):
+        speedups.read_run(b"x" * 100, -5, 1, 1, 10, 0, {}, Entry)
+    with pytest.raises(ValueError):
+        speedups.read_run(b"x" * 100, 101, 1, 1, 10, 0, {}, Entry)
+    with pytest.raises(ValueError):
+        speedups.check_run(b"x" * 100, 2 ** 62, 1, 10, b"\0" * 16, 0, 0, 0)

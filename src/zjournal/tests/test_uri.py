@@ -83,3 +83,16 @@ class TestOpen:
         jdb.execute(Put("a", 1))
         jdb.close()
         assert os.path.isdir(site.journal_dir)
+
+
+def test_libpq_parameters_keep_their_spaces():
+    _, location, _ = parse_journal_uri(
+        "postgresql://u@h/db?application_name=my%20app&table=t")
+    assert location == "postgresql://u@h/db?application_name=my%20app"
+
+
+def test_a_password_parameter_is_masked_too():
+    with pytest.raises(JournalURIError) as info:
+        parse_journal_uri("postgresq://u:pw@h/db?password=s3cret&x=1")
+    assert "s3cret" not in str(info.value)
+    assert "pw@" not in str(info.value)
