@@ -44,6 +44,73 @@ be64(const unsigned char *p)
     return ((uint64_t)be32(p) << 32) | be32(p + 4);
 }
 
+/* What check_one() found in a record that passes every check a record can
+   pass on its own (the Python loop's inlined checks, same order of
+   severity): offsets into the buffer and the fields the callers use. */
+struct record {
+    uint64_t seq;
+    uint64_t time_bits;
+    unsigned flags;
+    unsigned version;
+    unsigned k;             /* name length; the name is at pos + HEAD_SIZE */
+    uint32_t n;             /* body length */
+    Py_ssize_t end;         /* pos + 8 + n: where the trailing length is */
+    Py_ssize_t at;          /* the payload */
+    Py_ssize_t body_end;    /* the end of the payload (the MAC follows) */
+    Py_ssize_t meta_at;
+    Py_ssize_t meta_len;
+};
+
+/* 1 if the whole record at buf[pos] lies within size bytes, carries seq
+   expected, and its framing, CRC, flags and extras hold; 0 otherwise. */
+static int
+check_one(const unsigned char *buf, Py_ssize_t pos, Py_ssize_t size,
+          uint64_t expected, struct record *rec)
+{
+    const unsigned char *r = buf + pos;
+    uint32_t n = be32(r + 4);
+    unsigned k = ((unsigned)r[28] << 8) | r[29];
+    unsigned flags = r[24];
+    Py_ssize_t end = pos + 8 + (Py_ssize_t)n;
+    Py_ssize_t at, body_end;
+
+    if (n > MAX_BODY_SIZE || k > MAX_NAME_SIZE
+            || n < BODY_HEAD_SIZE + k || end + 4 > size
+            || be64(r + 8) != expected || (flags & ~KNOWN_FLAGS) || r[25])
+        return 0;
+    if (crc32(0L, r + 4, (uInt)(n + 4)) != be32(r) || be32(buf + end) != n)
+        return 0;
+    at = pos + HEAD_SIZE + k;
+    body_end = end;
+    rec->meta_at = rec->meta_len = 0;
+    if (flags & FLAG_MAC) {
+        body_end -= MAC_SIZE;
+        if (body_end < at)
+            return 0;
+    }
+    if (flags & FLAG_META) {
+        uint32_t j;
+        if (at + 4 > body_end)
+            return 0;
+        j = be32(buf + at);
+        if (j > MAX_META_SIZE || at + 4 + (Py_ssize_t)j > body_end)
+            return 0;
+        rec->meta_at = at + 4;
+        rec->meta_len = (Py_ssize_t)j;
+        at += 4 + (Py_ssize_t)j;
+    }
+    rec->seq = expected;
+    rec->time_bits = be64(r + 16);
+    rec->flags = flags;
+    rec->version = ((unsigned)r[26] << 8) | r[27];
+    rec->k = k;
+    rec->n = n;
+    rec->end = end;
+    rec->at = at;
+    rec->body_end = body_end;
+    return 1;
+}
+
 PyDoc_STRVAR(check_run_doc,
 "check_run(buf, pos, expected, stop, chain, signed, unsigned, queries)\n"
 "-> tuple\n\n"
@@ -96,64 +163,37 @@ check_run(PyObject *self, PyObject *args)
         Py_BEGIN_ALLOW_THREADS
         while (size - pos >= HEAD_SIZE) {
             const unsigned char *r = buf + pos;
-            uint32_t crc = be32(r);
-            uint32_t n = be32(r + 4);
-            uint64_t seq = be64(r + 8);
-            unsigned flags = r[24];
-            unsigned reserved = r[25];
-            unsigned k = ((unsigned)r[28] << 8) | r[29];
-            Py_ssize_t end = pos + 8 + (Py_ssize_t)n;
-            Py_ssize_t at, body_end;
+            struct record rec;
 
-            if (n > MAX_BODY_SIZE || k > MAX_NAME_SIZE
-                    || n < BODY_HEAD_SIZE + k || end + 4 > size
-                    || seq != expected || seq >= stop
-                    || (flags & ~KNOWN_FLAGS) || reserved)
+            if (expected >= stop
+                    || !check_one(buf, pos, size, expected, &rec))
                 break;
-            if (crc32(0L, r + 4, (uInt)(n + 4)) != crc
-                    || be32(buf + end) != n)
-                break;
-            at = pos + HEAD_SIZE + k;
-            body_end = end;
-            if (flags & FLAG_MAC) {
-                body_end -= MAC_SIZE;
-                if (body_end < at)
-                    break;
-            }
-            if (flags & FLAG_META) {
-                uint32_t j;
-                if (at + 4 > body_end)
-                    break;
-                j = be32(buf + at);
-                if (j > MAX_META_SIZE || at + 4 + (Py_ssize_t)j > body_end)
-                    break;
-            }
             if (memcmp(r + 30, chain, HASH_SIZE) != 0)
                 break;
-            SHA256(r + 4, (size_t)(n + 4), digest);
+            SHA256(r + 4, (size_t)(rec.n + 4), digest);
             memcpy(chain, digest, HASH_SIZE);
-            if (flags & FLAG_MAC)
+            if (rec.flags & FLAG_MAC)
                 t_signed++;
             else
                 t_unsigned++;
-            if (flags & FLAG_QUERY)
+            if (rec.flags & FLAG_QUERY)
                 t_queries++;
             if (held_pos < 0)
                 held_pos = pos;
             if (held_pos == pos)
-                held_seq = seq;
-            pos = end + 4;
+                held_seq = rec.seq;
+            pos = rec.end + 4;
             expected++;
-            if (flags & FLAG_END) {
+            if (rec.flags & FLAG_END) {
                 end_pos = pos;
-                end_seq = seq;
+                end_seq = rec.seq;
                 memcpy(end_chain, chain, HASH_SIZE);
                 signed_n += t_signed;
                 unsigned_n += t_unsigned;
                 queries += t_queries;
                 t_signed = t_unsigned = t_queries = 0;
                 held_pos = -1;
-                if (seq + 1 >= stop)
+                if (rec.seq + 1 >= stop)
                     break;
             }
         }
@@ -224,47 +264,19 @@ read_run(PyObject *self, PyObject *args)
 
         while (size - pos >= HEAD_SIZE) {
             const unsigned char *r = buf + pos;
-            uint32_t crc = be32(r);
-            uint32_t n = be32(r + 4);
-            uint64_t seq = be64(r + 8);
-            uint64_t time_bits = be64(r + 16);
+            struct record rec;
+            uint64_t seq;
             double t;
-            unsigned flags = r[24];
-            unsigned reserved = r[25];
-            unsigned version = ((unsigned)r[26] << 8) | r[27];
-            unsigned k = ((unsigned)r[28] << 8) | r[29];
-            Py_ssize_t end = pos + 8 + (Py_ssize_t)n;
-            Py_ssize_t at, body_end, meta_at = 0, meta_len = 0;
+            unsigned flags;
             PyObject *raw, *name, *entry;
 
-            if (n > MAX_BODY_SIZE || k > MAX_NAME_SIZE
-                    || n < BODY_HEAD_SIZE + k || end + 4 > size
-                    || seq != expected || (flags & ~KNOWN_FLAGS) || reserved)
+            if (!check_one(buf, pos, size, expected, &rec))
                 break;
-            if (crc32(0L, r + 4, (uInt)(n + 4)) != crc
-                    || be32(buf + end) != n)
-                break;
-            at = pos + HEAD_SIZE + k;
-            body_end = end;
-            if (flags & FLAG_MAC) {
-                body_end -= MAC_SIZE;
-                if (body_end < at)
-                    break;
-            }
-            if (flags & FLAG_META) {
-                uint32_t j;
-                if (at + 4 > body_end)
-                    break;
-                j = be32(buf + at);
-                if (j > MAX_META_SIZE || at + 4 + (Py_ssize_t)j > body_end)
-                    break;
-                meta_at = at + 4;
-                meta_len = (Py_ssize_t)j;
-                at += 4 + (Py_ssize_t)j;
-            }
+            seq = rec.seq;
+            flags = rec.flags;
             if (seq >= start && seq < stop) {
                 raw = PyBytes_FromStringAndSize((const char *)r + HEAD_SIZE,
-                                                (Py_ssize_t)k);
+                                                (Py_ssize_t)rec.k);
                 if (raw == NULL)
                     goto done;
                 name = PyDict_GetItemWithError(names, raw);
@@ -274,7 +286,7 @@ read_run(PyObject *self, PyObject *args)
                         goto done;
                     }
                     name = PyUnicode_DecodeUTF8((const char *)r + HEAD_SIZE,
-                                                (Py_ssize_t)k, "replace");
+                                                (Py_ssize_t)rec.k, "replace");
                     if (name == NULL || PyDict_SetItem(names, raw, name)) {
                         Py_XDECREF(name);
                         Py_DECREF(raw);
@@ -283,7 +295,7 @@ read_run(PyObject *self, PyObject *args)
                     Py_DECREF(name);  /* the dict keeps it */
                 }
                 Py_DECREF(raw);
-                memcpy(&t, &time_bits, sizeof t);
+                memcpy(&t, &rec.time_bits, sizeof t);
                 entry = type->tp_alloc(type, 11);
                 if (entry == NULL)
                     goto done;
@@ -292,18 +304,18 @@ read_run(PyObject *self, PyObject *args)
                 PyTuple_SET_ITEM(entry, 0, PyLong_FromUnsignedLongLong(seq));
                 PyTuple_SET_ITEM(entry, 1, PyFloat_FromDouble(t));
                 PyTuple_SET_ITEM(entry, 2, PyLong_FromLong((long)flags));
-                PyTuple_SET_ITEM(entry, 3, PyLong_FromLong((long)version));
+                PyTuple_SET_ITEM(entry, 3, PyLong_FromLong((long)rec.version));
                 PyTuple_SET_ITEM(entry, 5, PyBytes_FromStringAndSize(
-                    (const char *)buf + at, body_end - at));
+                    (const char *)buf + rec.at, rec.body_end - rec.at));
                 PyTuple_SET_ITEM(entry, 6, PyLong_FromLongLong(
                     offset + (long long)pos));
-                PyTuple_SET_ITEM(entry, 7, PyLong_FromLong((long)n + 12));
+                PyTuple_SET_ITEM(entry, 7, PyLong_FromLong((long)rec.n + 12));
                 PyTuple_SET_ITEM(entry, 8, PyBytes_FromStringAndSize(
                     (const char *)r + 30, HASH_SIZE));
                 PyTuple_SET_ITEM(entry, 9, bytes_or_none(
-                    buf + meta_at, meta_len, flags & FLAG_META));
+                    buf + rec.meta_at, rec.meta_len, flags & FLAG_META));
                 PyTuple_SET_ITEM(entry, 10, bytes_or_none(
-                    buf + body_end, MAC_SIZE, flags & FLAG_MAC));
+                    buf + rec.body_end, MAC_SIZE, flags & FLAG_MAC));
                 {
                     Py_ssize_t i;
                     for (i = 0; i < 11; i++)
@@ -318,7 +330,7 @@ read_run(PyObject *self, PyObject *args)
                 }
                 Py_DECREF(entry);
             }
-            pos = end + 4;
+            pos = rec.end + 4;
             expected++;
             if (flags & FLAG_END) {
                 Py_ssize_t i, m = PyList_GET_SIZE(txn);
