@@ -495,30 +495,9 @@ class FileJournal:
         catches the mistyped or rotated key before records signed with
         two keys are mixed.
         """
-        if self.readonly:
-            return
-        flags = record[FLAGS_OFFSET]
-        if self._key is None:
-            if flags & FLAG_MAC:
-                # Unsigned records after signed ones are what stripping
-                # signatures leaves: verify would report them forever.
-                raise JournalKeyError(
-                    "journal %s is signed (its last record, seq %d, carries"
-                    " a signature), but no key was given; pass hmac_key or"
-                    " set %s" % (self.path, self.last_seq, HMAC_KEY_ENV))
-            return
-        if not flags & FLAG_MAC:
-            logger.warning("journal %s: records up to seq %d were written"
-                           " without a key; they are signed from now on",
-                           self.path, self.last_seq)
-            return
-        body = memoryview(record)[4:-4 - MAC_SIZE]
-        if sign(self._key, body) != record[-4 - MAC_SIZE:-4]:
-            raise JournalKeyError(
-                "journal %s: the last record (seq %d in %s) was signed with"
-                " another key than the one given; check the key (or the"
-                " %s environment variable)"
-                % (self.path, self.last_seq, path, HMAC_KEY_ENV))
+        if not self.readonly:
+            check_writer_key(self._key, record, self.path, self.last_seq,
+                             path)
 
     def _tail_from_end(self, path, header, size):
         """Find the last record from the end; None unless the tail is clean.
@@ -720,15 +699,7 @@ class FileJournal:
         records are chained after ``prev``, by default the journal's head
         now; :meth:`append` refuses the batch if the journal has moved on.
         """
-        if not items:
-            raise ValueError("a transaction has at least one record")
-        first = items[0][0]
-        for i, item in enumerate(items):
-            if item[0] != first + i:
-                raise JournalSequenceError(
-                    "journal %s: the records of one transaction must"
-                    " have consecutive seqs, got %s"
-                    % (self.path, [it[0] for it in items]))
+        first = check_transaction(self.path, items)
         if prev is None:
             prev = self.head
         data, head = encode_chain(_checked(items), prev, self._key)
@@ -1274,6 +1245,51 @@ def _bad_tail(f, path, buf, pos, offset, expected, err, lenient_tail,
     else:
         reason = err.reason
     raise CorruptJournalError(path, at, seq, reason)
+
+
+def check_writer_key(key, record, path, seq, where=None):
+    """Refuse a writer whose key does not fit the journal's last record.
+
+    ``record`` is that record's bytes (seq ``seq``; ``where`` names the
+    file holding it, if any).  Without a key, a signed journal is refused:
+    unsigned records after signed ones are what stripping signatures
+    leaves, and verify would report them forever.  With another key than
+    the one that signed, it is refused before two keys' signatures mix.
+    """
+    flags = record[FLAGS_OFFSET]
+    if key is None:
+        if flags & FLAG_MAC:
+            raise JournalKeyError(
+                "journal %s is signed (its last record, seq %d, carries a"
+                " signature), but no key was given; pass hmac_key or set %s"
+                % (path, seq, HMAC_KEY_ENV))
+        return
+    if not flags & FLAG_MAC:
+        logger.warning("journal %s: records up to seq %d were written"
+                       " without a key; they are signed from now on",
+                       path, seq)
+        return
+    body = memoryview(record)[4:-4 - MAC_SIZE]
+    if sign(key, body) != record[-4 - MAC_SIZE:-4]:
+        raise JournalKeyError(
+            "journal %s: the last record (seq %d%s) was signed with another"
+            " key than the one given; check the key (or the %s environment"
+            " variable)" % (path, seq, "" if where is None else " in " + where,
+                            HMAC_KEY_ENV))
+
+
+def check_transaction(path, items):
+    """The first seq of one transaction's items, whose seqs must be
+    consecutive (every journal backend refuses anything else)."""
+    if not items:
+        raise ValueError("a transaction has at least one record")
+    first = items[0][0]
+    for i, item in enumerate(items):
+        if item[0] != first + i:
+            raise JournalSequenceError(
+                "journal %s: the records of one transaction must have"
+                " consecutive seqs, got %s" % (path, [it[0] for it in items]))
+    return first
 
 
 def _checked(items):

@@ -304,6 +304,14 @@ def _check_marker(marker, journal):
                                                     journal.last_seq))
 
 
+def _advance(marker, entry, skipped):
+    """Make the marker say the ZODB holds everything up to ``entry``."""
+    marker.last_seq = entry.seq
+    marker.head = entry.hash
+    if skipped:
+        marker.skipped = [s[0] for s in skipped]
+
+
 def replay(tm, conn, entries, batch_size=1000, progress=None, total=None,
            skipped=None):
     """Execute journal ``entries`` against ``conn``'s root, in batches.
@@ -361,20 +369,14 @@ def replay(tm, conn, entries, batch_size=1000, progress=None, total=None,
                     except Exception as e:
                         raise ReplayError(seq, name, e) from e
             if in_batch >= batch_size:
-                marker.last_seq = last
-                marker.head = entry.hash
-                if skipped:
-                    marker.skipped = [s[0] for s in skipped]
+                _advance(marker, entry, skipped)
                 tm.commit()
                 faults.point("replay.after-commit")
                 conn.cacheGC()
                 in_batch = 0
                 progress(n, total)
         if in_batch:
-            marker.last_seq = last
-            marker.head = entry.hash
-            if skipped:
-                marker.skipped = [s[0] for s in skipped]
+            _advance(marker, entry, skipped)
             tm.commit()
             progress(n, total)
     except BaseException:

@@ -47,7 +47,6 @@ from zjournal import faults
 from zjournal.errors import CorruptJournalError
 from zjournal.errors import EncodeError
 from zjournal.errors import JournalError
-from zjournal.errors import JournalKeyError
 from zjournal.errors import JournalSequenceError
 from zjournal.errors import JournalWriteError
 from zjournal.errors import OutcomeUnknownError
@@ -55,7 +54,6 @@ from zjournal.errors import ReadOnlyJournalError
 from zjournal.errors import TamperedJournalError
 from zjournal.errors import UnsupportedFormatError
 from zjournal.format import FLAG_END
-from zjournal.format import FLAG_MAC
 from zjournal.format import FLAG_QUERY
 from zjournal.format import FORMAT_VERSION
 from zjournal.format import GENESIS
@@ -75,6 +73,8 @@ from zjournal.journal import Batch
 from zjournal.journal import Entry
 from zjournal.journal import ScanReport
 from zjournal.journal import _checked
+from zjournal.journal import check_transaction
+from zjournal.journal import check_writer_key
 
 logger = logging.getLogger(__name__)
 
@@ -460,27 +460,8 @@ class SQLJournal:
         leaves), and another key would mix two keys' signatures.
         """
         last = self._last_entry()
-        if last is None:
-            return
-        if self._key is None:
-            if last.flags & FLAG_MAC:
-                raise JournalKeyError(
-                    "journal %s is signed (its last record, seq %d, carries"
-                    " a signature), but no key was given; pass hmac_key or"
-                    " set %s" % (self.path, last.seq, HMAC_KEY_ENV))
-            return
-        if not last.flags & FLAG_MAC:
-            logger.warning("journal %s: records up to seq %d were written"
-                           " without a key; they are signed from now on",
-                           self.path, last.seq)
-            return
-        body = memoryview(last.encoded())[4:-4 - MAC_SIZE]
-        if sign(self._key, body) != last.mac:
-            raise JournalKeyError(
-                "journal %s: the last record (seq %d) was signed with"
-                " another key than the one given; check the key (or the"
-                " %s environment variable)"
-                % (self.path, last.seq, HMAC_KEY_ENV))
+        if last is not None:
+            check_writer_key(self._key, last.encoded(), self.path, last.seq)
 
     def _last_entry(self):
         row = self._query(self._sql["last"], one=True)
@@ -525,15 +506,7 @@ class SQLJournal:
         into the rows :meth:`append` inserts, each with its chain hash.
         ``prev`` defaults to the journal's head now.
         """
-        if not items:
-            raise ValueError("a transaction has at least one record")
-        first = items[0][0]
-        for i, item in enumerate(items):
-            if item[0] != first + i:
-                raise JournalSequenceError(
-                    "journal %s: the records of one transaction must"
-                    " have consecutive seqs, got %s"
-                    % (self.path, [it[0] for it in items]))
+        check_transaction(self.path, items)
         if prev is None:
             prev = self.head
         return self._encode(items, prev)

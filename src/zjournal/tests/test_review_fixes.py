@@ -458,7 +458,6 @@ def test_a_crc_valid_record_with_impossible_extras_is_corruption(site):
 
 
 def test_a_forensic_rebuild_is_not_opened_as_the_journals_state(site):
-    import ZODB
     from zjournal.recovery import rebuild
     jdb = site.open()
     jdb.execute(Put("a", 1))
