@@ -54,6 +54,11 @@ setup(
         "postgresql": ["psycopg2-binary"],
         "relstorage": ["RelStorage", "psycopg2-binary"],
         "zeo": ["ZEO"],
+        # Integrations: zjournal.pyramid, zjournal.zope, the buildout recipe.
+        "pyramid": ["pyramid", "pyramid_tm", "pyramid_zodbconn",
+                    "pyramid_retry"],
+        "zope": ["Zope"],
+        "buildout": ["zc.buildout"],
         "test": [
             "pytest",
             "hypothesis",
@@ -62,6 +67,11 @@ setup(
             "psycopg2-binary",
             "RelStorage",
             "ZEO",
+            # the integrations and the example applications
+            "pyramid", "pyramid_tm", "pyramid_zodbconn", "pyramid_retry",
+            "waitress", "WebTest",
+            "Zope",
+            "zc.buildout", "zc.recipe.egg",
         ],
         "docs": ["Sphinx"],
         # benchmarks/run.py: the peers it measures zjournal against
@@ -70,6 +80,9 @@ setup(
     entry_points={
         "console_scripts": [
             "zodb-journal = zjournal.cli:main",
+        ],
+        "zc.buildout": [
+            "default = zjournal.recipe:Recipe",
         ],
     },
 )

@@ -69,6 +69,18 @@ EXIT_USAGE = 2
 logger = logging.getLogger("zjournal.cli")
 
 
+#: Modules that define their subcommands beside the code they run, as
+#: pip keeps one module per command: each has ``add_subcommands(sub)``,
+#: called with the parser's subparsers.
+SUBCOMMAND_MODULES = (
+    "zjournal.restore",
+    "zjournal.archive",
+    "zjournal.checkreplay",
+    "zjournal.follower",
+    "zjournal.sessionreplay",
+)
+
+
 class CLIError(Exception):
     """A refusal of the command line itself (bad target, bad --until)."""
 
@@ -220,6 +232,9 @@ def _parser():
                         " be empty)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=cmd_salvage)
+
+    for name in SUBCOMMAND_MODULES:
+        importlib.import_module(name).add_subcommands(sub)
 
     p = sub.add_parser("demo", help="run the bank demo: journal, throw the"
                        " ZODB away, rebuild, compare")
