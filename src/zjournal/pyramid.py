@@ -1,0 +1,332 @@
+"""Pyramid integration: ``config.include("zjournal.pyramid")``.
+
+What the include does, in order:
+
+* reads the ``zjournal.*`` settings and refuses a bad one, naming it,
+  before anything is opened;
+* includes ``pyramid_tm`` (a transaction per request), ``pyramid_retry``
+  (a request that failed with a transient error runs again) and
+  ``pyramid_zodbconn`` (which opens the ZODB named by ``zodbconn.uri``);
+  an application that included them already keeps its own;
+* wraps that ZODB and the journal named by ``zjournal.uri`` in a
+  :class:`~zjournal.JournaledDB`, which recovers right away, at
+  configuration time: a refusal stops the application before it serves;
+* adds ``request.execute(command)`` and ``request.query(query)``, which
+  run on the request's connection inside the request's transaction: the
+  commit is pyramid_tm's, and the journal is one resource of it;
+* adds a tween above pyramid_tm that catches the ZODB up with the journal
+  before a retried request begins, when the previous attempt found the
+  journal ahead, so that the retry starts from a current snapshot;
+* backs off a little (jittered) before each retry of a transient error;
+* closes the JournaledDB (the ZODB, and the journal's lock) when the
+  process exits normally.
+
+Settings (only ``zjournal.uri`` is required):
+
+``zjournal.uri``
+    The journal: a directory, or a journal URI (:func:`zjournal.open_journal`).
+``zjournal.imports``
+    Modules that define commands (one per line or space separated),
+    imported before recovery replays the journal at startup.
+``zjournal.fsync``
+    ``always``, ``batch`` or ``never``; default: the URI's, else ``always``.
+``zjournal.allow_unjournaled``
+    Accept changes made outside commands (lost by a rebuild); default false.
+``zjournal.journal_queries``
+    Journal ``request.query()`` calls too; default false.
+``zjournal.batch_size``
+    Commands per ZODB commit when recovery replays; default 1000.
+``zjournal.retries``
+    Retries of ``JournaledDB.execute`` (scripts, not requests: requests
+    are retried by pyramid_retry, ``retry.attempts``); default 10.
+``zjournal.digest_interval``
+    Journal a digest of the state every N commands, for
+    ``zodb-journal check-replay``; default none.
+"""
+import atexit
+import importlib
+import logging
+import random
+import time
+import weakref
+
+import transaction.interfaces
+from pyramid.exceptions import ConfigurationError
+from pyramid.settings import asbool
+from pyramid.settings import aslist
+from pyramid_retry import IBeforeRetry
+from pyramid_tm import is_tm_active
+from pyramid_zodbconn import get_connection
+
+from zjournal import recovery
+from zjournal.db import JournaledDB
+from zjournal.db import execute as _execute
+from zjournal.db import query as _query
+from zjournal.errors import ZJournalError
+from zjournal.interfaces import IJournaledDB
+from zjournal.journal import FSYNC_POLICIES
+from zjournal.uri import open_journal
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "zjournal."
+
+# Settings passed to JournaledDB under their own names (zjournal.<name>);
+# the integers with their smallest values.
+_BOOLEANS = ("allow_unjournaled", "journal_queries")
+_INTEGERS = {"batch_size": 1, "retries": 0, "digest_interval": 1}
+
+
+class PyramidConfigurationError(ZJournalError, ConfigurationError):
+    """The application's settings cannot set up zjournal.
+
+    Raised by ``config.include("zjournal.pyramid")``, before the journal
+    is opened; the message names the setting.
+    """
+
+
+class NoRequestTransactionError(ZJournalError):
+    """``request.execute()`` was called without a transaction to join.
+
+    pyramid_tm is not managing this request (its ``tm.activate_hook``
+    said no, or the request comes from a script) and the request's
+    transaction manager has no transaction: nobody would commit the
+    command.
+    """
+
+
+def parse_settings(settings):
+    """The journal URI, the modules to import, the journal's and the
+    JournaledDB's keywords.
+
+    Parsed before anything opens, so that a typo in the ini file is
+    reported as such and not as a failure of whatever it configures.
+    """
+    uri = (settings.get(PREFIX + "uri") or "").strip()
+    if not uri:
+        raise PyramidConfigurationError(
+            "zjournal.uri is not set: name the journal (a directory or a"
+            " journal URI such as sqlite:///var/app/journal.sqlite) in the"
+            " application's settings")
+    journal_kw, db_kw = {}, {}
+    imports = aslist(settings.get(PREFIX + "imports") or "")
+    fsync = settings.get(PREFIX + "fsync")
+    if fsync is not None and fsync.strip():
+        fsync = fsync.strip()
+        if fsync not in FSYNC_POLICIES:
+            raise PyramidConfigurationError(
+                "zjournal.fsync = %r: use one of %s"
+                % (fsync, ", ".join(FSYNC_POLICIES)))
+        journal_kw["fsync"] = fsync
+    for name in _BOOLEANS:
+        value = settings.get(PREFIX + name)
+        if value is not None:
+            db_kw[name] = _boolean(name, value)
+    for name, smallest in _INTEGERS.items():
+        value = settings.get(PREFIX + name)
+        if value is not None:
+            db_kw[name] = _integer(name, value, smallest)
+    known = {"uri", "fsync", "imports"} | set(_BOOLEANS) | set(_INTEGERS)
+    unknown = sorted(key for key in settings if key.startswith(PREFIX)
+                     and key[len(PREFIX):] not in known)
+    if unknown:
+        raise PyramidConfigurationError(
+            "unknown setting %s (known: %s)" % (", ".join(unknown), ", ".join(
+                PREFIX + name for name in sorted(known))))
+    return uri, imports, journal_kw, db_kw
+
+
+def _boolean(name, value):
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text not in ("true", "yes", "on", "1", "t", "y",
+                    "false", "no", "off", "0", "f", "n", ""):
+        raise PyramidConfigurationError(
+            "zjournal.%s = %r: use true or false" % (name, value))
+    return asbool(text)
+
+
+def _integer(name, value, smallest):
+    try:
+        number = int(str(value).strip())
+    except ValueError:
+        number = None
+    if number is None or number < smallest:
+        raise PyramidConfigurationError(
+            "zjournal.%s = %r: use a whole number, at least %d"
+            % (name, value, smallest))
+    return number
+
+
+def includeme(config):
+    """Set up zjournal for the application; see the module docstring.
+
+    The journal is opened and recovered here, not in a deferred action,
+    so that a refusal surfaces as the zjournal error it is, at the line
+    that includes this package.
+    """
+    settings = config.get_settings()
+    uri, imports, journal_kw, db_kw = parse_settings(settings)
+    _import(imports)
+    config.include("pyramid_tm")
+    config.include("pyramid_retry")
+    config.include("pyramid_zodbconn")
+    db = _primary_db(config.registry)
+    jdb = _open(db, uri, journal_kw, db_kw)
+    config.registry.registerUtility(jdb, IJournaledDB)
+    atexit.register(_close_at_exit, weakref.ref(jdb))
+    config.add_request_method(execute, "execute")
+    config.add_request_method(query, "query")
+    config.add_tween("zjournal.pyramid.catch_up_tween_factory",
+                     over="pyramid_tm.tm_tween_factory")
+    config.add_subscriber(_back_off, IBeforeRetry)
+
+
+def _import(modules):
+    """Import the modules that register commands, or say which failed."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise PyramidConfigurationError(
+                "zjournal.imports: cannot import %s: %s" % (name, e)) from e
+
+
+def _primary_db(registry):
+    databases = getattr(registry, "_zodb_databases", None) or {}
+    db = databases.get("")
+    if db is None:
+        raise PyramidConfigurationError(
+            "zjournal.pyramid needs the ZODB of pyramid_zodbconn:"
+            " set zodbconn.uri (for example file://%(here)s/Data.fs)")
+    return db
+
+
+def _open(db, uri, journal_kw, db_kw):
+    """Open the journal and recover; on a refusal nothing stays open.
+
+    JournaledDB closes what it was handed when recovery refuses; the
+    ZODB must be closed here when the journal itself cannot be opened,
+    or its storage's lock outlives the failed start.
+    """
+    try:
+        journal = open_journal(uri, **journal_kw)
+    except BaseException:
+        db.close()
+        raise
+    progress = recovery.Progress(label="zjournal: recovering at startup")
+    jdb = JournaledDB(db, journal, progress=progress, **db_kw)
+    found = jdb.recovery
+    logger.info("journal %s: %s (%s, the journal is at seq %d; %d replayed"
+                " in %.2fs)", uri, found.action,
+                "the ZODB had no marker" if found.marker_seq is None
+                else "the ZODB was at seq %d" % found.marker_seq,
+                found.journal_seq, found.replayed, found.seconds)
+    return jdb
+
+
+def _close_at_exit(ref):
+    """Close the ZODB (FileStorage writes its index) and the journal.
+
+    Killed processes skip this, harmlessly: recovery does not depend on
+    it, a FileStorage just rebuilds its index on the next start.
+    """
+    jdb = ref()
+    if jdb is not None:
+        try:
+            jdb.close()
+        except Exception:
+            logger.exception("closing the JournaledDB at exit failed")
+
+
+def get_journaled_db(registry):
+    """The :class:`~zjournal.JournaledDB` the include set up.
+
+    For scripts and tests (``jdb.execute()``, ``jdb.close()``); views use
+    ``request.execute``.
+    """
+    jdb = registry.queryUtility(IJournaledDB)
+    if jdb is None:
+        raise PyramidConfigurationError(
+            "this registry has no JournaledDB: include zjournal.pyramid")
+    return jdb
+
+
+# -- request methods ---------------------------------------------------------
+
+def execute(request, command, metadata=None):
+    """Run ``command`` in the request's transaction; return its result.
+
+    Installed as ``request.execute``.  The command is journaled when
+    pyramid_tm commits the request; if it raises, the transaction is
+    doomed and pyramid_tm aborts it, whatever the view returns.  The
+    transaction's ``user`` and ``description`` -- the authenticated
+    userid and the path, as pyramid_tm annotates them -- are journaled
+    with it, beside ``metadata``.
+    """
+    return _execute(_connection(request), command, metadata)
+
+
+def query(request, query, metadata=None):
+    """Run a read-only command on the request's connection.
+
+    Installed as ``request.query``; see :func:`zjournal.query`.
+    """
+    return _query(_connection(request), query, metadata)
+
+
+def _connection(request):
+    if not is_tm_active(request):
+        try:
+            request.tm.get()
+        except transaction.interfaces.NoTransaction:
+            raise NoRequestTransactionError(
+                "request.execute(): pyramid_tm is not managing %s and"
+                " request.tm has no transaction; run it inside"
+                " 'with request.tm:' (a script), or let pyramid_tm manage"
+                " the request" % request.path) from None
+    return get_connection(request)
+
+
+# -- retries -----------------------------------------------------------------
+
+def catch_up_tween_factory(handler, registry):
+    """Catch the ZODB up before a request when the journal is ahead.
+
+    The journal data manager notes "journal ahead" when its vote finds
+    records the ZODB lacks (another process journaled them and did not
+    finish its ZODB commit).  Catching up inside the retried request
+    would replay them after the request's connection took its snapshot,
+    costing one more (conflicting) attempt; here, above pyramid_tm, no
+    connection is open yet.
+    """
+    jdb = get_journaled_db(registry)
+
+    def zjournal_catch_up_tween(request):
+        if jdb._needs_catch_up:
+            try:
+                jdb.catch_up()
+            except transaction.interfaces.TransientError:
+                # Another process is catching up too: retry the request
+                # (pyramid_retry), and catch up again first.
+                jdb._needs_catch_up = True
+                raise
+        return handler(request)
+
+    return zjournal_catch_up_tween
+
+
+def _back_off(event):
+    """Wait a little before a retry, so that competing requests spread.
+
+    pyramid_retry runs the next attempt at once; two requests that
+    conflicted on the journal's marker would likely conflict again.
+    """
+    error = event.exception
+    if not isinstance(error, transaction.interfaces.TransientError):
+        return
+    attempt = event.environ.get("retry.attempt", 0)
+    logger.debug("retrying %s after %s: %s", event.request.path,
+                 type(error).__name__, error)
+    time.sleep(random.uniform(0, 0.002 * 2 ** min(attempt, 8)))
