@@ -39,6 +39,8 @@ setup(
     packages=find_packages("src"),
     ext_modules=speedups,
     include_package_data=True,
+    # %import zjournal in zope.conf reads this ZConfig component.
+    package_data={"zjournal": ["component.xml"]},
     zip_safe=False,
     python_requires=">=3.9",
     install_requires=[
