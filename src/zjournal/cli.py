@@ -8,6 +8,7 @@ Usage::
     zodb-journal dump JOURNAL [--start N] [--stop N] [--json] [--import M]
     zodb-journal stats JOURNAL [--json] [--since SEQ_OR_ISOTIME]
                        [--until SEQ_OR_ISOTIME] [--by command|hour|day|user]
+                       [--html FILE [--gap SECONDS]]
     zodb-journal rebuild JOURNAL --zodb PATH_OR_URI --import MODULE ...
                          [--until SEQ_OR_ISOTIME] [--batch-size N]
                          [--skip-unknown]
@@ -33,8 +34,10 @@ the last command executed at or before an ISO 8601 time (UTC unless the
 time says otherwise).
 
 ``stats`` counts entries, transactions, bytes and rates by command, user,
-hour or day, reading names, times and sizes only.  ``export`` writes the
-records as JSON lines; ``import`` turns such a file back into a journal of
+hour or day, reading names, times and sizes only; ``--html FILE`` writes
+a self-contained HTML report with charts to FILE instead of printing the
+text (see :mod:`zjournal.report`).  ``export`` writes the records as JSON
+lines; ``import`` turns such a file back into a journal of
 identical records, after checking every line (see :mod:`zjournal.export`).
 
 ``salvage`` copies every intact transaction of a damaged journal SRC into
@@ -173,6 +176,12 @@ def _parser():
     p.add_argument("--by", choices=GROUPINGS, default="command",
                    help="group by command name (default), UTC hour or day,"
                         " or the user in the records' metadata")
+    p.add_argument("--html", metavar="FILE",
+                   help="also write a self-contained HTML report (charts"
+                        " of commands over time, sizes, gaps) to FILE")
+    p.add_argument("--gap", type=float, default=3600.0, metavar="SECONDS",
+                   help="with --html: count the periods without entries"
+                        " this long or longer as idle (default 3600)")
     p.set_defaults(run=cmd_stats)
 
     p = sub.add_parser("rebuild", help="replay a journal into an empty ZODB")
@@ -554,21 +563,38 @@ def cmd_stats(args):
     from zjournal.recovery import Progress
     since_seq, since_time = parse_until(args.since, "--since")
     until_seq, until_time = parse_until(args.until, "--until")
+    if args.html is not None:
+        from zjournal import report as html_report
+        if not args.gap > 0:  # NaN too
+            raise CLIError("--gap must be a positive number of seconds")
+
+        def collect(entries, **kw):
+            return html_report.collect(entries, gap_threshold=args.gap, **kw)
+    else:
+        collect = stats.collect
     with open_journal(args.journal) as journal:
         start = max(since_seq or 1, 1)
         last = journal.last_seq if until_seq is None else min(
             until_seq, journal.last_seq)
         progress = Progress("stats", tty=sys.stderr.isatty())
         try:
-            result = stats.collect(
+            result = collect(
                 journal.entries(start, last + 1), by=args.by,
                 since=since_time, until=until_time, progress=progress,
                 total=max(last - start + 1, 0))
         finally:
             progress.close()
+        info = journal.info() if args.html is not None else None
     report = result.as_dict()
     report.update(journal=journal.path, identity=journal.identity,
                   since=args.since, until=args.until)
+    if args.html is not None:
+        html_report.write(args.html, html_report.render(result, info))
+        print("wrote the HTML report of %s entries to %s" % (
+            format(result.entries, ","), args.html),
+            file=sys.stderr if args.json else sys.stdout)
+        if not args.json:
+            return EXIT_OK
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))
     else:
