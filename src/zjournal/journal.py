@@ -15,6 +15,18 @@ Lifecycle of a writer (a :class:`FileJournal` opened without
 4. append each transaction with one ``write`` on an ``O_APPEND``
    descriptor, then ``fdatasync`` under the ``always`` policy.
 
+Old segments may be archived (:mod:`zjournal.archive`): each is then a
+gzip file ``<segment>.gz`` holding exactly the segment's bytes, in the
+journal's ``archive/`` subdirectory or in the directory ``pruned.json``
+names.  Readers list both places and read either transparently, the
+segment in the journal directory winning when both exist (an archiving
+run interrupted between writing the archive and removing the original).
+Segments may also be removed; ``pruned.json`` then says the journal
+starts at a later seq on purpose, with the chain hash of the last removed
+record, and reading before that seq raises :class:`JournalPrunedError`.
+A journal that lacks its first segments without that file is damaged, as
+before.
+
 The safety argument for cutting a torn tail: records are acknowledged
 only after the whole transaction was written and synced, and nothing valid
 follows the cut, so the cut bytes were never acknowledged.  They are kept
@@ -26,7 +38,9 @@ failed fsync the kernel may have dropped the dirty pages, and a retry that
 succeeds proves nothing.
 """
 import bisect
+import contextlib
 import errno
+import gzip
 import hashlib
 import json
 import logging
@@ -118,8 +132,85 @@ READ_CHUNK = 1 << 20
 # Journal files and directories are created owner-only: a journal holds
 # every argument of every command ever run.
 FILE_MODE = 0o600
+# Archived segments: <segment name> + ARCHIVE_SUFFIX, in ARCHIVE_DIR of
+# the journal unless PRUNE_STATE names another directory.
+ARCHIVE_DIR = "archive"
+ARCHIVE_SUFFIX = ".gz"
+# What pruning did, written by zjournal.archive (JSON): where archived
+# segments are, and before which seq records were removed on purpose.
+PRUNE_STATE = "pruned.json"
 # Where a signing key comes from when none is passed (never the journal).
 HMAC_KEY_ENV = "ZJOURNAL_HMAC_KEY"
+
+
+class JournalPrunedError(JournalError):
+    """Records were asked for that ``zodb-journal prune`` removed.
+
+    Not damage: an operator removed the segments a stated backup covers.
+    A ZODB can only be built from that backup, or a later one, by
+    catching up (``zodb-journal restore``); a rebuild from seq 1 is no
+    longer possible.
+    """
+
+    def __init__(self, path, first_seq, wanted=None, covered_by=None):
+        self.path = path
+        self.first_seq = first_seq
+        self.wanted = wanted
+        what = ("seq %d is" % wanted if wanted is not None
+                else "seq 1..%d are" % (first_seq - 1))
+        by = " (covered by backup %s)" % covered_by if covered_by else ""
+        super().__init__(
+            "journal %s starts at seq %d: %s no longer in it, removed by"
+            " zodb-journal prune%s. A ZODB can only be restored from a"
+            " backup whose marker is at seq %d or later (zodb-journal"
+            " restore); a rebuild from an empty ZODB is not possible"
+            % (path, first_seq, what, by, first_seq - 1))
+
+
+def read_prune_state(path):
+    """The journal directory's prune state (a dict), or None."""
+    state_path = os.path.join(path, PRUNE_STATE)
+    try:
+        with open(state_path, encoding="utf-8") as f:
+            state = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise JournalError("%s is unreadable (%s); it records what"
+                           " zodb-journal prune did: restore it from a"
+                           " backup of the journal" % (state_path, e)) from e
+    if not isinstance(state, dict) or not isinstance(
+            state.get("removed_before", 1), int):
+        raise JournalError("%s does not hold a prune state" % state_path)
+    return state
+
+
+def archived_name(first_seq):
+    """The file name of an archived segment."""
+    return segment_name(first_seq) + ARCHIVE_SUFFIX
+
+
+def archive_dir_of(path, state=None):
+    """Where a journal's archived segments are."""
+    if state and state.get("archive"):
+        return os.path.join(path, state["archive"])
+    return os.path.join(path, ARCHIVE_DIR)
+
+
+def list_archived(archive_dir):
+    """``{first_seq: path}`` of the complete archived segments in a
+    directory (a ``.tmp`` one is an interrupted archiving, not read)."""
+    found = {}
+    try:
+        names = os.listdir(archive_dir)
+    except FileNotFoundError:
+        return found
+    for name in names:
+        if name.endswith(ARCHIVE_SUFFIX):
+            seq = parse_segment_name(name[:-len(ARCHIVE_SUFFIX)])
+            if seq is not None:
+                found[seq] = os.path.join(archive_dir, name)
+    return found
 
 
 class FileIO:
@@ -314,12 +405,14 @@ class FileJournal:
     journal.  ``identity`` (a UUID string) names a journal being created,
     for an import that must keep the identity ZODB markers refer to.
     ``file_mode`` is the permission of new files (directories get the
-    matching search bits): owner-only by default.
+    matching search bits): owner-only by default.  ``archive`` is the
+    directory of archived segments when it is neither the journal's
+    ``archive/`` nor the one ``pruned.json`` names.
     """
 
     def __init__(self, path, fsync="always", readonly=False,
                  segment_size=DEFAULT_SEGMENT_SIZE, io=None, identity=None,
-                 hmac_key=None, file_mode=FILE_MODE):
+                 hmac_key=None, file_mode=FILE_MODE, archive=None):
         if fsync not in FSYNC_POLICIES:
             raise ValueError("fsync must be one of %s, not %r"
                              % (", ".join(FSYNC_POLICIES), fsync))
@@ -329,6 +422,9 @@ class FileJournal:
         self.fsync = fsync
         self.readonly = readonly
         self.segment_size = segment_size
+        self._archive = None if archive is None else os.path.abspath(archive)
+        self._archived = {}
+        self._pruned = None
         self._io = io if io is not None else FileIO()
         if file_mode != FILE_MODE:
             self._io.file_mode = file_mode
@@ -382,15 +478,22 @@ class FileJournal:
             self._made_lock = not os.path.exists(
                 os.path.join(self.path, LOCK_NAME))
             self._lock = _take_lock(self.path)
-        self._segments = self._list_segments()
+        self._segments = self._all_segments()
         if not self._segments:
             if self.readonly:
                 raise JournalError("no journal at %s (no segment files)"
                                    % self.path)
             self._create()
+        if self._segments[-1] in self._archived:
+            raise JournalError(
+                "journal %s: its last segment is archived (%s); only"
+                " segments before the last may be, since the last is the one"
+                " appended to. Move it back into the journal directory,"
+                " decompressed" % (self.path,
+                                   self._archived[self._segments[-1]]))
         first = self._read_header(self._segments[0])
         self.identity_bytes = first.identity
-        self.created = first.created
+        self.created = (self._pruned or {}).get("created", first.created)
         if self._new_identity not in (None, self.identity_bytes):
             raise JournalError(
                 "journal %s is %s, not %s as asked" % (
@@ -419,6 +522,17 @@ class FileJournal:
         return True
 
     def _list_segments(self):
+        """First seqs of the segments in the journal directory itself.
+
+        For code that opens segment files by path (a follower keeping its
+        place in the last segments): an archived segment is not one, and
+        is left out as if it were gone.
+        """
+        segs = self._all_segments()
+        return [seq for seq in segs if seq not in self._archived]
+
+    def _all_segments(self):
+        """First seqs of every segment, in the journal or in its archive."""
         found = []
         for name in os.listdir(self.path):
             seq = parse_segment_name(name)
@@ -428,8 +542,35 @@ class FileJournal:
                 # A segment whose creation was interrupted: never renamed,
                 # so never part of the journal.
                 self._io.remove(os.path.join(self.path, name))
+        self._pruned = read_prune_state(self.path)
+        self._archive_dir = self._archive or archive_dir_of(self.path,
+                                                            self._pruned)
+        live = set(found)
+        self._archived = {seq: p for seq, p in
+                          list_archived(self._archive_dir).items()
+                          if seq not in live}
+        found.extend(self._archived)
         found.sort()
         return found
+
+    def _start_seq(self, segs):
+        """The first seq the journal holds on purpose: 1, unless prune
+        removed the segments before its first one."""
+        removed = (self._pruned or {}).get("removed_before", 1)
+        if segs and 1 < segs[0] <= removed:
+            return segs[0]
+        return 1
+
+    @property
+    def prune_state(self):
+        """What ``pruned.json`` said when the journal was last listed (a
+        dict, empty when nothing was pruned)."""
+        return dict(self._pruned or {})
+
+    @property
+    def start_seq(self):
+        """The first seq still in the journal (above 1 once pruned)."""
+        return self._start_seq(self._segments)
 
     def _create(self):
         identity = self._new_identity or uuid.uuid4().bytes
@@ -451,15 +592,46 @@ class FileJournal:
         self._segments.append(first_seq)
 
     def _segment_path(self, first_seq):
+        archived = self._archived.get(first_seq)
+        if archived is not None:
+            return archived
         return os.path.join(self.path, segment_name(first_seq))
+
+    def _open_segment(self, first_seq):
+        """Open a segment for reading, wherever it is; return (file, path).
+
+        The journal directory comes first, then the archive: a segment
+        being archived right now exists in one place or both, the archive
+        being complete before the original goes.
+        """
+        live = os.path.join(self.path, segment_name(first_seq))
+        try:
+            return open(live, "rb"), live
+        except FileNotFoundError:
+            pass
+        archived = os.path.join(self._archive_dir, archived_name(first_seq))
+        try:
+            return gzip.open(archived, "rb"), archived
+        except FileNotFoundError:
+            pass
+        state = read_prune_state(self.path) or {}
+        if state.get("removed_before", 1) > first_seq:
+            raise JournalPrunedError(self.path, state["removed_before"],
+                                     first_seq, state.get("covered_by"))
+        raise CorruptJournalError(live, 0, first_seq, "the segment file is"
+                                  " missing (neither in the journal nor in"
+                                  " its archive %s)" % self._archive_dir)
 
     def _read_header(self, first_seq, f=None):
         """Read and check a segment's header (from ``f`` if given)."""
         path = self._segment_path(first_seq)
         if f is None:
-            with open(path, "rb") as f:
+            f, path = self._open_segment(first_seq)
+            with f:
                 return self._read_header(first_seq, f)
-        header = decode_header(f.read(SEGMENT_HEADER_SIZE), path)
+        with _archive_errors(path):
+            data = f.read(SEGMENT_HEADER_SIZE)
+        header = decode_header(data, path)
         if header.first_seq != first_seq:
             raise CorruptJournalError(
                 path, 0, first_seq, "segment header says it starts at seq %d"
@@ -585,18 +757,26 @@ class FileJournal:
         sequence number nobody wrote.
         """
         if len(self._segments) < 2:
-            if first_seq != 1:
-                raise CorruptJournalError(
-                    self._segment_path(first_seq), 0, 1,
-                    "the only segment starts at seq %d" % first_seq)
-            return None
+            if first_seq == 1:
+                return None
+            state = self._pruned or {}
+            if first_seq == state.get("removed_before") and state.get(
+                    "removed_head"):
+                # Pruned down to an empty segment: the chain goes on from
+                # the last removed record, which the state remembers.
+                self.head = bytes.fromhex(state["removed_head"])
+                return None
+            raise CorruptJournalError(
+                self._segment_path(first_seq), 0, 1,
+                "the only segment starts at seq %d" % first_seq)
         previous = self._segments[-2]
         path = self._segment_path(previous)
-        size = os.path.getsize(path)
         found = None
-        if size > SEGMENT_HEADER_SIZE:
+        if previous in self._archived:
+            found = self._archived_end(previous)
+        elif os.path.getsize(path) > SEGMENT_HEADER_SIZE:
             found = self._last_transaction_end(
-                path, self._read_header(previous), size)
+                path, self._read_header(previous), os.path.getsize(path))
         last = None if found is None else found[0]
         if last != first_seq - 1:
             raise CorruptJournalError(
@@ -608,6 +788,15 @@ class FileJournal:
                     "an unreadable record" if last is None else
                     "seq %d" % last))
         return found[2]
+
+    def _archived_end(self, first_seq):
+        """``(last_seq, None, last record)`` of an archived segment, read
+        through (a gzip file cannot be walked back from its end)."""
+        last = None
+        for last in self._read_segment(first_seq, first_seq, float("inf"),
+                                       False):
+            pass
+        return None if last is None else (last.seq, None, last.encoded())
 
     def _tail_by_scan(self, path, header, size):
         """Scan the last segment forward; cut (or report) a torn tail."""
@@ -816,6 +1005,18 @@ class FileJournal:
         """Paths of the segment files, oldest first."""
         return [self._segment_path(s) for s in self._segments]
 
+    def segment_layout(self):
+        """``(first_seq, path, archived)`` of every segment, oldest first,
+        as the directory holds them now (what pruning plans with)."""
+        segs = self._all_segments() if self.readonly else list(self._segments)
+        return [(seq, self._segment_path(seq), seq in self._archived)
+                for seq in segs]
+
+    @property
+    def archive_dir(self):
+        """Where archived segments are (whether or not there are any)."""
+        return self._archive_dir
+
     def entries(self, start=1, stop=None):
         """Yield entries with ``start <= seq < stop``, oldest first.
 
@@ -830,7 +1031,11 @@ class FileJournal:
         start = max(start, 1)
         if start >= stop:
             return
-        segs = self._list_segments() if self.readonly else list(self._segments)
+        segs = self._all_segments() if self.readonly else list(self._segments)
+        first = self._start_seq(segs)
+        if start < first:
+            raise JournalPrunedError(self.path, first, start,
+                                     (self._pruned or {}).get("covered_by"))
         if start < segs[0]:
             raise CorruptJournalError(
                 self._segment_path(segs[0]), 0, start,
@@ -847,8 +1052,8 @@ class FileJournal:
 
     def _read_segment(self, first_seq, start, stop, is_last, report=None,
                       build=True):
-        path = self._segment_path(first_seq)
-        with open(path, "rb") as f:
+        f, path = self._open_segment(first_seq)
+        with f, _archive_errors(path):
             header = self._read_header(first_seq, f)
             f.seek(header.size)
             return (yield from _scan(f, path, header.size, first_seq, start,
@@ -870,14 +1075,16 @@ class FileJournal:
         """
         report = ScanReport()
         began = _time.perf_counter()
-        segs = self._list_segments() if self.readonly else list(self._segments)
+        segs = self._all_segments() if self.readonly else list(self._segments)
         stop = float("inf") if self.readonly else self.last_seq + 1
-        expected = 1
+        expected = self._start_seq(segs)
+        if expected > 1:
+            report.head = self._pruned_prev(segs[0])
         for j, first_seq in enumerate(segs):
             path = self._segment_path(first_seq)
             _check_continuity(path, first_seq, expected)
             report.segments += 1
-            report.bytes += os.path.getsize(path)
+            report.bytes += _size(path, self._archive_dir)
             checker = self._read_segment(first_seq, 1, stop,
                                          j == len(segs) - 1, report,
                                          build=False)
@@ -898,10 +1105,42 @@ class FileJournal:
                 " signatures were stripped, or the journal was never signed")
         return report
 
+    def _pruned_prev(self, first_seq):
+        """The chain hash a pruned journal's first record must follow.
+
+        The first record's own ``prev`` is all there is to go on; when
+        the state remembers the last removed record's hash, the two must
+        agree, or the first segment is not the one the prune left.
+        """
+        f, path = self._open_segment(first_seq)
+        with f, _archive_errors(path):
+            header = self._read_header(first_seq, f)
+            f.seek(header.size)
+            head = f.read(RECORD_HEAD_SIZE)
+        state = self._pruned or {}
+        known = state.get("removed_head")
+        known = (bytes.fromhex(known) if known and state.get(
+            "removed_before") == first_seq else None)
+        if len(head) < RECORD_HEAD_SIZE:
+            return known if known is not None else GENESIS
+        prev = RECORD_HEAD.unpack_from(head)[8]
+        if known is not None and prev != known:
+            raise TamperedJournalError(
+                path, header.size, first_seq, "the first record after the"
+                " pruned ones does not follow the last pruned record (the"
+                " chain hash differs from the one %s remembers)"
+                % PRUNE_STATE)
+        return prev
+
     def info(self):
         """A summary for operators; reads only headers and the tail."""
         segs = self.segments()
+        start = self._start_seq(self._segments)
         return {
+            "start_seq": start,
+            "pruned_before": start if start > 1 else None,
+            "archived_segments": len(self._archived),
+            "archive": self._archive_dir if self._archived else None,
             "path": self.path,
             "identity": self.identity,
             "format_version": FORMAT_VERSION,
@@ -909,7 +1148,7 @@ class FileJournal:
             "segments": len(segs),
             "first_seq": self.first_seq,
             "last_seq": self.last_seq,
-            "bytes": sum(os.path.getsize(p) for p in segs),
+            "bytes": sum(_size(p, self._archive_dir) for p in segs),
             "torn_tail": None if self.torn_tail is None else {
                 "file": self.torn_tail.path, "offset": self.torn_tail.offset,
                 "bytes": self.torn_tail.size, "reason": self.torn_tail.reason,
@@ -999,6 +1238,30 @@ class FileJournal:
         return "<FileJournal %s last_seq=%s%s>" % (
             self.path, getattr(self, "last_seq", "?"),
             " readonly" if self.readonly else "")
+
+
+def _size(path, archive_dir):
+    """A segment's size on disk, found in the archive if it was archived
+    since it was listed."""
+    try:
+        return os.path.getsize(path)
+    except FileNotFoundError:
+        return os.path.getsize(os.path.join(
+            archive_dir, os.path.basename(path) + ARCHIVE_SUFFIX))
+
+
+@contextlib.contextmanager
+def _archive_errors(path):
+    """Report an archived segment that does not decompress as damage."""
+    if not path.endswith(ARCHIVE_SUFFIX):
+        yield
+        return
+    try:
+        yield
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise CorruptJournalError(
+            path, 0, None, "the archived segment does not decompress (%s):"
+            " restore it from a backup of the archive" % e) from e
 
 
 def _check_continuity(path, first_seq, expected):

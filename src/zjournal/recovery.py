@@ -14,6 +14,10 @@ marker names another journal      refuse
 data in the ZODB, no marker       refuse: not built from a journal
 ================================  ==========================================
 
+:func:`catch_up` is the same catch-up, stopped at a seq or a time, for a
+ZODB copied from a backup (``zodb-journal restore``): the backup's marker
+says where the journal resumes, so it need not start at seq 1.
+
 Replay commits in batches; each batch advances the marker in the same ZODB
 transaction, so a replay that is interrupted (killed, or stopped by a
 command that fails) leaves a consistent ZODB that the next recovery
@@ -35,6 +39,7 @@ from zjournal.errors import CommandError
 from zjournal.errors import ForensicZODBError
 from zjournal.errors import HistoryMismatchError
 from zjournal.errors import NotJournaledError
+from zjournal.errors import RecoveryError
 from zjournal.errors import ReplayError
 from zjournal.errors import WrongJournalError
 from zjournal.errors import ZODBAheadError
@@ -43,6 +48,15 @@ from zjournal.marker import MARKER_KEY
 from zjournal.marker import Marker
 
 logger = logging.getLogger(__name__)
+
+
+class BackupTooNewError(RecoveryError):
+    """A restore was asked for a point before the backup's own state.
+
+    Replay only goes forward: the state at an earlier point is reached
+    from an older backup (or, if the journal still starts at seq 1, by a
+    rebuild).
+    """
 
 
 class Recovery:
@@ -137,6 +151,7 @@ def recover(db, journal, batch_size=1000, progress=None):
                     " empty ZODB to rebuild from the journal, or move the"
                     " data in through commands"
                     % (", ".join(sorted(map(str, root))[:5]), journal.path))
+            _check_from_scratch(journal)
             root[MARKER_KEY] = Marker(journal.identity, 0)
             if last == 0:
                 tm.commit()
@@ -189,18 +204,9 @@ def rebuild(db, journal, until_seq=None, until_time=None, batch_size=1000,
                 "the target ZODB is not empty (root keys: %s); rebuild"
                 " into a new, empty storage"
                 % ", ".join(sorted(map(str, root))[:5]))
+        _check_from_scratch(journal)
         root[MARKER_KEY] = Marker(journal.identity, 0)
-        entries = journal.entries(1, last + 1)
-        if isinstance(until_time, datetime.datetime):
-            # Compare at the precision a person saw the time with (dump
-            # prints microseconds), not the float's last bits.
-            entries = itertools.takewhile(
-                lambda entry: datetime.datetime.fromtimestamp(
-                    entry.time, datetime.timezone.utc) <= until_time,
-                entries)
-        elif until_time is not None:
-            entries = itertools.takewhile(
-                lambda entry: entry.time <= until_time, entries)
+        entries = _until(journal.entries(1, last + 1), until_time)
         skipped = [] if skip_unknown else None
         n = replay(tm, conn, entries, batch_size=batch_size,
                    progress=progress, total=last, skipped=skipped,
@@ -214,6 +220,122 @@ def rebuild(db, journal, until_seq=None, until_time=None, batch_size=1000,
                        len(skipped))
     return Recovery("rebuilt", None, journal.last_seq, n, seconds,
                     skipped or ())
+
+
+def _check_from_scratch(journal):
+    """Refuse to build from seq 1 a journal whose start was pruned."""
+    start = getattr(journal, "start_seq", 1)
+    if start > 1:
+        from zjournal.journal import JournalPrunedError
+        raise JournalPrunedError(journal.path, start, covered_by=getattr(
+            journal, "prune_state", {}).get("covered_by"))
+
+
+def _until(entries, until_time):
+    """``entries`` up to the last one executed at or before ``until_time``
+    (seconds since the epoch, or an aware datetime compared at the
+    precision dump shows, microseconds)."""
+    if isinstance(until_time, datetime.datetime):
+        return itertools.takewhile(
+            lambda entry: datetime.datetime.fromtimestamp(
+                entry.time, datetime.timezone.utc) <= until_time, entries)
+    if until_time is not None:
+        return itertools.takewhile(
+            lambda entry: entry.time <= until_time, entries)
+    return entries
+
+
+def _after(time, until_time):
+    if isinstance(until_time, datetime.datetime):
+        return datetime.datetime.fromtimestamp(
+            time, datetime.timezone.utc) > until_time
+    return time > until_time
+
+
+def catch_up(db, journal, until_seq=None, until_time=None, batch_size=1000,
+             progress=None, observe=None):
+    """Replay into ``db`` what its marker lacks, up to a point.
+
+    The point-in-time half of a restore: ``db`` is a copy of a backup,
+    whose marker says where the journal resumes.  ``until_seq`` and
+    ``until_time`` are inclusive, as for :func:`rebuild`; a marker
+    already beyond them raises :class:`BackupTooNewError`, since replay
+    cannot go back.  Everything is checked (journal identity, history,
+    decodability) before the first commit.  Returns a :class:`Recovery`
+    whose ``marker_seq`` is where the backup was.
+    """
+    began = time.perf_counter()
+    with _system_connection(db) as (tm, conn):
+        marker = conn.root().get(MARKER_KEY)
+        if marker is None:
+            raise NotJournaledError(
+                "the ZODB holds no zjournal marker, so nothing says where in"
+                " journal %s it stands; restore from a backup of a ZODB"
+                " that a JournaledDB wrote" % journal.path)
+        _check_marker(marker, journal)
+        found = marker.last_seq
+        last = journal.last_seq if until_seq is None else min(
+            until_seq, journal.last_seq)
+        if until_seq is not None and found > until_seq:
+            raise BackupTooNewError(
+                "the backup holds the state at seq %d, after the requested"
+                " seq %d, and replay cannot go back: restore from an older"
+                " backup, one whose marker is at seq %d or earlier"
+                % (found, until_seq, until_seq))
+        if until_time is not None and found > 0:
+            _check_not_after(journal, found, until_time)
+        if found < last:
+            check_replayable(journal.entries(found + 1, last + 1),
+                             marker.head)
+        elif found < journal.last_seq:
+            _check_link(journal, marker)
+        logger.info("catching up seq %d..%d of journal %s", found + 1,
+                    last, journal.path)
+        n = replay(tm, conn, _until(journal.entries(found + 1, last + 1),
+                                    until_time),
+                   batch_size=batch_size, progress=progress,
+                   total=max(last - found, 0), observe=observe)
+        last = conn.root()[MARKER_KEY].last_seq
+    seconds = time.perf_counter() - began
+    logger.info("caught up %d commands in %.2fs", n, seconds)
+    result = Recovery("caught up" if n else "current", found,
+                      journal.last_seq, n, seconds)
+    result.restored_seq = last
+    return result
+
+
+def _check_not_after(journal, seq, until_time):
+    """Refuse a backup whose last command ran after ``until_time``."""
+    from zjournal.journal import JournalPrunedError
+    try:
+        entry = next(iter(journal.entries(seq, seq + 1)), None)
+    except JournalPrunedError:
+        entry = None
+    if entry is None:
+        logger.warning("the journal no longer holds seq %d, the backup's"
+                       " last command: its time cannot be checked", seq)
+        return
+    if _after(entry.time, until_time):
+        when = datetime.datetime.fromtimestamp(entry.time,
+                                               datetime.timezone.utc)
+        raise BackupTooNewError(
+            "the backup holds the state at seq %d, whose command ran at %s,"
+            " after the requested time %s, and replay cannot go back:"
+            " restore from an older backup, taken before that time"
+            % (seq, when.isoformat(), until_time if isinstance(
+                until_time, datetime.datetime) else datetime.datetime
+                .fromtimestamp(until_time, datetime.timezone.utc)
+                .isoformat()))
+
+
+def _check_link(journal, marker):
+    """The next record must follow the one the marker applied."""
+    if marker.head is None:
+        return
+    entry = next(iter(journal.entries(marker.last_seq + 1,
+                                      marker.last_seq + 2)), None)
+    if entry is not None and entry.prev != marker.head:
+        check_replayable([entry], marker.head)
 
 
 def check_replayable(entries, head=None):

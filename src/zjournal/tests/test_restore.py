@@ -1,0 +1,355 @@
+"""Point-in-time restore (``zodb-journal restore``, zjournal.restore).
+
+Every test works on a real journal and real FileStorages; backups are
+made by ZODB's own repozo, run as a separate process, or are plain copies
+of a Data.fs.  The expected states come from replaying a slice of the
+journal's full entry list into a fresh MappingStorage
+(helpers.replayed_state), not from the code under test.
+"""
+import datetime
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import ZODB
+import ZODB.FileStorage
+
+from zjournal import FileJournal
+from zjournal import JournaledDB
+from zjournal import MARKER_KEY
+from zjournal import cli
+from zjournal import recovery
+from zjournal.tests import examples
+from zjournal.tests.examples import Increment
+from zjournal.tests.examples import Put
+from zjournal.tests.examples import Stamp
+from zjournal.tests.helpers import digest
+from zjournal.tests.helpers import replayed_state
+
+EXAMPLES = "zjournal.tests.examples"
+FS_SUFFIXES = ("", ".index", ".lock", ".tmp", ".part")
+
+
+def run(capsys, *argv):
+    status = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def repozo_backup(data_fs, repository):
+    """A real repozo backup (-B), in its own process, as cron runs it."""
+    os.makedirs(repository, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "ZODB.scripts.repozo", "-B",
+                    "-r", repository, "-f", data_fs], check=True,
+                   capture_output=True, timeout=60)
+
+
+def read_zodb(data_fs):
+    """(state, marker last_seq, marker journal id) of a FileStorage."""
+    db = ZODB.DB(ZODB.FileStorage.FileStorage(str(data_fs), read_only=True))
+    try:
+        conn = db.open()
+        root = conn.root()
+        marker = root[MARKER_KEY]
+        result = (examples.state(root), marker.last_seq, marker.journal_id)
+        conn.close()
+        return result
+    finally:
+        db.close()
+
+
+def leftovers(path):
+    return [path + s for s in FS_SUFFIXES if os.path.exists(path + s)]
+
+
+class Shop:
+    """A journaled application, its journal and its backups."""
+
+    def __init__(self, root):
+        self.root = str(root)
+        self.data_fs = os.path.join(self.root, "Data.fs")
+        self.journal_dir = os.path.join(self.root, "journal")
+        self.repozo = os.path.join(self.root, "repozo")
+
+    def run(self, n, start=0):
+        jdb = JournaledDB(
+            ZODB.DB(ZODB.FileStorage.FileStorage(self.data_fs)),
+            FileJournal(self.journal_dir, fsync="never", segment_size=1500))
+        try:
+            for i in range(start, start + n):
+                jdb.execute(Increment("n"))
+                if i % 3 == 0:
+                    jdb.execute(Stamp("s%d" % (i % 4)))
+                else:
+                    jdb.execute(Put("k%d" % (i % 5), i))
+            return jdb.journal.last_seq
+        finally:
+            jdb.close()
+
+    def journal(self):
+        return FileJournal(self.journal_dir, readonly=True)
+
+    def expected(self, seq):
+        with self.journal() as journal:
+            return replayed_state(journal, seq)
+
+    def times(self):
+        with self.journal() as journal:
+            return {e.seq: e.time for e in journal.entries()}
+
+
+@pytest.fixture
+def shop(tmp_path):
+    """40 commands, a repozo backup, 40 more."""
+    shop = Shop(tmp_path)
+    shop.backup_seq = shop.run(20)
+    repozo_backup(shop.data_fs, shop.repozo)
+    shop.last_seq = shop.run(20, start=20)
+    return shop
+
+
+class TestRestoreFromRepozo:
+
+    def test_at_a_seq(self, shop, tmp_path, capsys):
+        target = str(tmp_path / "restored.fs")
+        until = shop.backup_seq + 17
+        status, out, err = run(capsys, "restore", shop.journal_dir,
+                               "--from", shop.repozo, "--zodb", target,
+                               "--import", EXAMPLES, "--until", until)
+        assert status == 0, err
+        state, seq, journal_id = read_zodb(target)
+        assert seq == until
+        assert state == shop.expected(until)
+        assert state != shop.expected(until - 1)
+        with shop.journal() as journal:
+            assert journal_id == journal.identity
+        assert "the backup was at seq %d" % shop.backup_seq in out
+        assert "replayed seq %d..%d" % (shop.backup_seq + 1, until) in out
+        assert "17 commands" in out
+
+    def test_to_the_end_by_default(self, shop, tmp_path, capsys):
+        target = str(tmp_path / "restored.fs")
+        status, out, err = run(capsys, "restore", shop.journal_dir,
+                               "--from", shop.repozo, "--zodb", target,
+                               "--import", EXAMPLES)
+        assert status == 0, err
+        assert read_zodb(target)[:2] == (shop.expected(shop.last_seq),
+                                         shop.last_seq)
+        # The live ZODB and the restored one agree, and the restored one
+        # opens as an ordinary journaled ZODB: nothing to catch up.
+        assert read_zodb(shop.data_fs)[:2] == read_zodb(target)[:2]
+        jdb = JournaledDB(ZODB.DB(ZODB.FileStorage.FileStorage(target)),
+                          shop.journal())
+        try:
+            assert jdb.recovery.action == "current"
+        finally:
+            jdb.close()
+
+    def test_at_a_time(self, shop, tmp_path, capsys):
+        times = shop.times()
+        # A command whose time differs from the next one's at the
+        # microsecond precision --until is read with.
+        until = next(s for s in range(shop.backup_seq + 5, shop.last_seq)
+                     if int(times[s] * 1e6) < int(times[s + 1] * 1e6))
+        when = datetime.datetime.fromtimestamp(
+            times[until], datetime.timezone.utc).isoformat()
+        target = str(tmp_path / "restored.fs")
+        status, out, err = run(capsys, "restore", shop.journal_dir,
+                               "--from", shop.repozo, "--zodb", target,
+                               "--import", EXAMPLES, "--until", when)
+        assert status == 0, err
+        state, seq, _ = read_zodb(target)
+        assert seq == until
+        assert state == shop.expected(until)
+
+    def test_backup_date_picks_an_older_backup(self, shop, tmp_path,
+                                               capsys):
+        first = sorted(os.listdir(shop.repozo))[0].split(".")[0]
+        time.sleep(1.1)  # repozo names backups by the second
+        repozo_backup(shop.data_fs, shop.repozo)  # at shop.last_seq
+        until = shop.backup_seq + 3
+        target = str(tmp_path / "restored.fs")
+        # The latest backup is past the point asked for: refused, and the
+        # message lists the backups there are.
+        status, out, err = run(capsys, "restore", shop.journal_dir,
+                               "--from", shop.repozo, "--zodb", target,
+                               "--import", EXAMPLES, "--until", until)
+        assert status == 1
+        assert "at seq %d, after the requested seq %d" % (
+            shop.last_seq, until) in err
+        assert first in err and "--backup-date" in err
+        assert leftovers(target) == []
+        status, out, err = run(capsys, "restore", shop.journal_dir,
+                               "--from", shop.repozo, "--zodb", target,
+                               "--import", EXAMPLES, "--until", until,
+                               "--backup-date", first)
+        assert status == 0, err
+        assert read_zodb(target)[:2] == (shop.expected(until), until)
+        assert "the backup was at seq %d" % shop.backup_seq in out
+
+
+class TestRestoreFromCopies:
+
+    def test_from_a_filestorage_copy_into_a_uri(self, shop, tmp_path,
+                                                capsys):
+        copy = str(tmp_path / "copy.fs")
+        shutil.copyfile(shop.data_fs, copy)  # at shop.last_seq
+        shop.last_seq = shop.run(5, start=40)
+        target = str(tmp_path / "restored.fs")
+        status, out, err = run(capsys, "restore", shop.journal_dir,
+                               "--from", copy, "--zodb", "file://" + target,
+                               "--import", EXAMPLES)
+        assert status == 0, err
+        assert read_zodb(target)[:2] == (shop.expected(shop.last_seq),
+                                         shop.last_seq)
+        assert "replayed seq %d..%d" % (shop.last_seq - 9,
+                                        shop.last_seq) in out
+
+    def test_with_an_sqlite_journal(self, tmp_path, capsys):
+        from zjournal.sqljournal import SQLiteJournal
+        data_fs = str(tmp_path / "Data.fs")
+        uri = "sqlite://" + str(tmp_path / "journal.sqlite")
+
+        def work(n):
+            jdb = JournaledDB(
+                ZODB.DB(ZODB.FileStorage.FileStorage(data_fs)),
+                SQLiteJournal(str(tmp_path / "journal.sqlite"),
+                              fsync="never"))
+            try:
+                for i in range(n):
+                    jdb.execute(Put("k%d" % (i % 3), i))
+                    jdb.execute(Increment("n"))
+            finally:
+                jdb.close()
+        work(5)
+        copy = str(tmp_path / "copy.fs")
+        shutil.copyfile(data_fs, copy)
+        work(5)
+        target = str(tmp_path / "restored.fs")
+        status, out, err = run(capsys, "restore", uri, "--from", copy,
+                               "--zodb", target, "--import", EXAMPLES,
+                               "--until", 15)
+        assert status == 0, err
+        assert "replayed seq 11..15" in out
+        db = ZODB.DB(None)
+        try:
+            with SQLiteJournal(str(tmp_path / "journal.sqlite"),
+                               readonly=True) as journal:
+                recovery.rebuild(db, journal, until_seq=15)
+            conn = db.open()
+            expected = examples.state(conn.root())
+            conn.close()
+        finally:
+            db.close()
+        assert read_zodb(target)[:2] == (expected, 15)
+
+    def test_the_catch_up_function(self, shop, tmp_path):
+        copy = str(tmp_path / "copy.fs")
+        cli.main(["restore", shop.journal_dir, "--from", shop.repozo,
+                  "--zodb", copy, "--import", EXAMPLES,
+                  "--until", str(shop.backup_seq)])
+        assert read_zodb(copy)[1] == shop.backup_seq
+        seen = []
+        db = ZODB.DB(ZODB.FileStorage.FileStorage(copy))
+        try:
+            with shop.journal() as journal:
+                result = recovery.catch_up(
+                    db, journal, until_seq=shop.backup_seq + 4,
+                    observe=lambda entry, seconds: seen.append(entry.seq))
+        finally:
+            db.close()
+        assert (result.marker_seq, result.restored_seq, result.replayed) == (
+            shop.backup_seq, shop.backup_seq + 4, 4)
+        assert seen == list(range(shop.backup_seq + 1, shop.backup_seq + 5))
+        assert read_zodb(copy)[0] == shop.expected(shop.backup_seq + 4)
+
+
+class TestRefusals:
+
+    def test_backup_beyond_until_time(self, shop, tmp_path, capsys):
+        times = shop.times()
+        when = datetime.datetime.fromtimestamp(
+            times[shop.backup_seq] - 0.001, datetime.timezone.utc)
+        target = str(tmp_path / "restored.fs")
+        status, out, err = run(capsys, "restore", shop.journal_dir,
+                               "--from", shop.repozo, "--zodb", target,
+                               "--import", EXAMPLES, "--until",
+                               when.isoformat())
+        assert status == 1
+        assert "after the requested time" in err
+        assert "older backup" in err
+        assert leftovers(target) == []
+
+    def test_backup_of_another_journal(self, shop, tmp_path, capsys):
+        other = Shop(tmp_path / "other")
+        os.makedirs(other.root)
+        other.run(3)
+        target = str(tmp_path / "restored.fs")
+        status, out, err = run(capsys, "restore", shop.journal_dir,
+                               "--from", other.data_fs, "--zodb", target,
+                               "--import", EXAMPLES)
+        assert status == 1
+        with shop.journal() as journal:
+            assert "is %s" % journal.identity in err
+        assert "was built from journal" in err
+        assert leftovers(target) == []
+
+    def test_non_empty_target(self, shop, tmp_path, capsys):
+        target = str(tmp_path / "occupied.fs")
+        shutil.copyfile(shop.data_fs, target)
+        before = digest(target)
+        status, out, err = run(capsys, "restore", shop.journal_dir,
+                               "--from", shop.repozo, "--zodb", target,
+                               "--import", EXAMPLES)
+        assert status == 1
+        assert "exists and is not empty" in err
+        assert digest(target) == before
+
+    def test_backup_without_marker(self, shop, tmp_path, capsys):
+        import transaction
+        plain = str(tmp_path / "plain.fs")
+        db = ZODB.DB(ZODB.FileStorage.FileStorage(plain))
+        with db.transaction() as conn:
+            conn.root()["app"] = 1
+        db.close()
+        transaction.abort()
+        target = str(tmp_path / "restored.fs")
+        status, out, err = run(capsys, "restore", shop.journal_dir,
+                               "--from", plain, "--zodb", target,
+                               "--import", EXAMPLES)
+        assert status == 1
+        assert "no zjournal marker" in err
+        assert leftovers(target) == []
+
+    def test_empty_repository(self, shop, tmp_path, capsys):
+        empty = tmp_path / "no-backups"
+        empty.mkdir()
+        target = str(tmp_path / "restored.fs")
+        status, out, err = run(capsys, "restore", shop.journal_dir,
+                               "--from", empty, "--zodb", target,
+                               "--import", EXAMPLES)
+        assert status == 1
+        assert "repozo cannot recover" in err
+        assert leftovers(target) == []
+
+    def test_journal_behind_the_backup(self, shop, tmp_path, capsys):
+        # The journal lost its newest segment after the backup was made.
+        short = str(tmp_path / "short")
+        shutil.copytree(shop.journal_dir, short)
+        with shop.journal() as journal:
+            segments = [os.path.basename(p) for p in journal.segments()]
+        backup_segment = max(
+            s for s in segments if int(s[:20]) <= shop.backup_seq)
+        for name in segments:
+            if name > backup_segment:
+                os.remove(os.path.join(short, name))
+        target = str(tmp_path / "restored.fs")
+        status, out, err = run(capsys, "restore", short,
+                               "--from", shop.data_fs, "--zodb", target,
+                               "--import", EXAMPLES)
+        assert status == 1
+        assert "acknowledged commands are missing" in err
+        assert leftovers(target) == []
