@@ -154,8 +154,9 @@ def _parser():
 
     p = sub.add_parser("dump", help="print journal entries")
     p.add_argument("journal", metavar="JOURNAL")
-    p.add_argument("--start", type=int, default=1, metavar="N",
-                   help="first seq to print (default 1)")
+    p.add_argument("--start", type=int, default=None, metavar="N",
+                   help="first seq to print (default: the journal's first,"
+                        " 1 unless it was pruned)")
     p.add_argument("--stop", type=int, default=None, metavar="N",
                    help="print seqs below N (exclusive, as in range)")
     p.add_argument("--json", action="store_true",
@@ -210,9 +211,10 @@ def _parser():
     p.add_argument("--output", "-o", default="-", metavar="FILE",
                    help="write here (replaced only once the export is"
                         " complete); - for standard output (the default)")
-    p.add_argument("--start", type=int, default=1, metavar="N",
-                   help="first seq to export (default 1; import takes only"
-                        " exports from seq 1)")
+    p.add_argument("--start", type=int, default=None, metavar="N",
+                   help="first seq to export (default: the journal's first,"
+                        " 1 unless it was pruned; import takes only exports"
+                        " from seq 1)")
     p.add_argument("--stop", type=int, default=None, metavar="N",
                    help="export seqs below N (exclusive, as in range)")
     _import_option(p, required=False)
@@ -347,6 +349,12 @@ def cmd_info(args):
         print("backend:    %s (%s bytes)" % (backend,
                                              format(info["bytes"], ",")))
     print("seq:        %d .. %d" % (info["first_seq"], info["last_seq"]))
+    if info.get("pruned_before"):
+        print("pruned:     seq 1 .. %d removed (zodb-journal prune)"
+              % (info["pruned_before"] - 1))
+    if info.get("archived_segments"):
+        print("archived:   %d segments in %s"
+              % (info["archived_segments"], info["archive"]))
     if info["writer_active"] is not None:
         print("writer:     %s" % ("active" if info["writer_active"]
                                   else "none"))
@@ -355,6 +363,17 @@ def cmd_info(args):
         print("tail:       incomplete, %d bytes at %s:%d (%s)"
               % (torn["bytes"], torn["file"], torn["offset"], torn["reason"]))
     return EXIT_OK
+
+
+def _start(journal, start):
+    """The seq a read starts at: as asked, else the journal's first.
+
+    A journal whose early segments ``zodb-journal prune`` removed starts
+    above 1; reading from 1 would only be refused.
+    """
+    if start is not None:
+        return start
+    return getattr(journal, "start_seq", 1)
 
 
 def cmd_verify(args):
@@ -512,7 +531,8 @@ def open_storage_readonly(spec):
 def cmd_dump(args):
     import_modules(args.imports)
     with open_journal(args.journal) as journal:
-        for entry in journal.entries(args.start, args.stop):
+        for entry in journal.entries(_start(journal, args.start),
+                                     args.stop):
             try:
                 entry_args = entry.args
             except Exception as e:
@@ -573,7 +593,7 @@ def cmd_stats(args):
     else:
         collect = stats.collect
     with open_journal(args.journal) as journal:
-        start = max(since_seq or 1, 1)
+        start = max(since_seq or 1, _start(journal, None))
         last = journal.last_seq if until_seq is None else min(
             until_seq, journal.last_seq)
         progress = Progress("stats", tty=sys.stderr.isatty())
@@ -655,7 +675,8 @@ def cmd_export(args):
         try:
             if args.output == "-":
                 with _utf8(sys.stdout) as out:
-                    n = export_jsonl(journal, out, args.start, args.stop,
+                    n = export_jsonl(journal, out,
+                                     _start(journal, args.start), args.stop,
                                      progress)
             else:
                 n = _export_to_file(journal, args, progress)
@@ -697,7 +718,8 @@ def _export_to_file(journal, args, progress):
         # argument of every command.
         fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with open(fd, "w", encoding="utf-8", newline="\n") as out:
-            n = export_jsonl(journal, out, args.start, args.stop, progress)
+            n = export_jsonl(journal, out, _start(journal, args.start),
+                             args.stop, progress)
             out.flush()
             os.fsync(out.fileno())
         os.replace(part, args.output)

@@ -16,6 +16,10 @@ The points:
 ``roll.after-create``     a new segment exists, nothing written to it
 ``repair.after-save``     torn bytes saved aside, segment not yet cut
 ``replay.after-commit``   a replay batch committed
+``archive.after-write``   an archive file written and synced, not renamed
+``archive.after-rename``  an archive complete, its original still there
+``archive.after-remove``  an archived segment's original removed
+``prune.after-state``     pruned.json written, no segment removed yet
 """
 import os
 import signal
@@ -23,7 +27,8 @@ import signal
 POINTS = (
     "vote.before-append", "append.after-write", "vote.after-sync",
     "finish.after-zodb", "roll.after-create", "repair.after-save",
-    "replay.after-commit",
+    "replay.after-commit", "archive.after-write", "archive.after-rename",
+    "archive.after-remove", "prune.after-state",
 )
 
 _target = os.environ.get("ZJOURNAL_KILL_AT") or None

@@ -9,6 +9,11 @@ names sort like numbers::
         00000000000000000001.zjl           records 1 .. 48210
         00000000000000048211.zjl           records 48211 .. (still growing)
         00000000000000048211.zjl.torn-1520 bytes cut from a torn tail
+        archive/00000000000000000001.zjl.gz
+                                           an archived segment: the gzip
+                                           of its exact bytes (prune)
+        pruned.json                        what prune archived or removed
+        prune.lock                         one prune at a time
 
 Only files whose whole name matches ``<20 digits>.zjl`` are segments;
 everything else in the directory (the lock, cut tails, temporary files) is

@@ -358,6 +358,32 @@ class TestRemove:
         last = site.run(3)
         assert read_zodb(site.data_fs)[1] == last
 
+    def test_reading_tools_start_where_the_journal_starts(self, site,
+                                                          capsys):
+        status, out, err = prune(capsys, site, "--remove", "--yes")
+        assert status == 0, err
+        kept_from = site.ranges[len(site.covered)][1]
+        status, out, err = run(capsys, "info", site.journal_dir)
+        assert status == 0, err
+        assert "pruned:     seq 1 .. %d removed" % (kept_from - 1) in out
+        status, out, err = run(capsys, "dump", site.journal_dir, "--json")
+        assert status == 0, err
+        seqs = [json.loads(line)["seq"] for line in out.splitlines()]
+        assert seqs == list(range(kept_from, site.last_seq + 1))
+        status, out, err = run(capsys, "stats", site.journal_dir, "--json")
+        assert status == 0, err
+        assert json.loads(out)["entries"] == site.last_seq - kept_from + 1
+        status, out, err = run(capsys, "export", site.journal_dir)
+        assert status == 0, err
+        records = [json.loads(line) for line in out.splitlines()
+                   if '"seq"' in line]
+        assert records[0]["seq"] == kept_from
+        # Asking for the removed part is still refused, clearly.
+        status, out, err = run(capsys, "dump", site.journal_dir, "--start",
+                               "1")
+        assert status == 1
+        assert "starts at seq %d" % kept_from in err
+
     def test_a_backup_older_than_the_journal_is_refused(self, site, capsys,
                                                         tmp_path):
         early = str(tmp_path / "early.fs")
