@@ -11,6 +11,7 @@ from zjournal.commands import upcaster
 from zjournal.db import JournaledDB
 from zjournal.db import execute
 from zjournal.db import query
+from zjournal.errors import BackupTooNewError
 from zjournal.errors import CommandError
 from zjournal.errors import CommandNameConflictError
 from zjournal.errors import CorruptJournalError
@@ -22,12 +23,14 @@ from zjournal.errors import JournalError
 from zjournal.errors import JournalFailedError
 from zjournal.errors import JournalKeyError
 from zjournal.errors import JournalLockedError
+from zjournal.errors import JournalPrunedError
 from zjournal.errors import JournalSequenceError
 from zjournal.errors import JournalWriteError
 from zjournal.errors import NestedCommandError
 from zjournal.errors import NotJournaledConnectionError
 from zjournal.errors import NotJournaledError
 from zjournal.errors import OutcomeUnknownError
+from zjournal.errors import PruneError
 from zjournal.errors import QueryWriteError
 from zjournal.errors import ReadOnlyJournalError
 from zjournal.errors import RecoveryError
@@ -58,4 +61,5 @@ __all__ = [
     "ReplayError", "UnjournaledChangeError", "NotJournaledConnectionError",
     "NestedCommandError", "TamperedJournalError", "JournalKeyError",
     "HistoryMismatchError", "QueryWriteError", "ForensicZODBError",
+    "JournalPrunedError", "PruneError", "BackupTooNewError",
 ]

@@ -56,7 +56,7 @@ from zjournal.cli import CLIError
 from zjournal.cli import EXIT_FAILURE
 from zjournal.cli import EXIT_OK
 from zjournal.errors import HistoryMismatchError
-from zjournal.errors import JournalError
+from zjournal.errors import PruneError
 from zjournal.errors import WrongJournalError
 from zjournal.errors import ZODBAheadError
 from zjournal.format import SEGMENT_HEADER_SIZE
@@ -72,10 +72,6 @@ logger = logging.getLogger(__name__)
 
 PRUNE_LOCK = "prune.lock"
 CHUNK = 1 << 20
-
-
-class PruneError(JournalError):
-    """Pruning was refused; nothing was changed."""
 
 
 class Segment:

@@ -119,6 +119,35 @@ class ReadOnlyJournalError(JournalError):
 
 # -- commands ----------------------------------------------------------------
 
+
+class JournalPrunedError(JournalError):
+    """Records were asked for that ``zodb-journal prune`` removed.
+
+    Not damage: an operator removed the segments a stated backup covers.
+    A ZODB can only be built from that backup, or a later one, by
+    catching up (``zodb-journal restore``); a rebuild from seq 1 is no
+    longer possible.
+    """
+
+    def __init__(self, path, first_seq, wanted=None, covered_by=None):
+        self.path = path
+        self.first_seq = first_seq
+        self.wanted = wanted
+        what = ("seq %d is" % wanted if wanted is not None
+                else "seq 1..%d are" % (first_seq - 1))
+        by = " (covered by backup %s)" % covered_by if covered_by else ""
+        super().__init__(
+            "journal %s starts at seq %d: %s no longer in it, removed by"
+            " zodb-journal prune%s. A ZODB can only be restored from a"
+            " backup whose marker is at seq %d or later (zodb-journal"
+            " restore); a rebuild from an empty ZODB is not possible"
+            % (path, first_seq, what, by, first_seq - 1))
+
+
+class PruneError(JournalError):
+    """Pruning was refused; nothing was changed."""
+
+
 class CommandError(ZJournalError):
     """A command class or a journaled command is unusable."""
 
@@ -183,6 +212,15 @@ class WrongJournalError(RecoveryError):
 
 class ZODBAheadError(RecoveryError):
     """The ZODB has applied commands that the journal does not hold."""
+
+
+class BackupTooNewError(RecoveryError):
+    """A restore was asked for a point before the backup's own state.
+
+    Replay only goes forward: the state at an earlier point is reached
+    from an older backup (or, if the journal still starts at seq 1, by a
+    rebuild).
+    """
 
 
 class NotJournaledError(RecoveryError):

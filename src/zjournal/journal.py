@@ -63,6 +63,7 @@ from zjournal.errors import JournalError
 from zjournal.errors import JournalFailedError
 from zjournal.errors import JournalKeyError
 from zjournal.errors import JournalLockedError
+from zjournal.errors import JournalPrunedError
 from zjournal.errors import JournalSequenceError
 from zjournal.errors import JournalWriteError
 from zjournal.errors import OutcomeUnknownError
@@ -141,30 +142,6 @@ ARCHIVE_SUFFIX = ".gz"
 PRUNE_STATE = "pruned.json"
 # Where a signing key comes from when none is passed (never the journal).
 HMAC_KEY_ENV = "ZJOURNAL_HMAC_KEY"
-
-
-class JournalPrunedError(JournalError):
-    """Records were asked for that ``zodb-journal prune`` removed.
-
-    Not damage: an operator removed the segments a stated backup covers.
-    A ZODB can only be built from that backup, or a later one, by
-    catching up (``zodb-journal restore``); a rebuild from seq 1 is no
-    longer possible.
-    """
-
-    def __init__(self, path, first_seq, wanted=None, covered_by=None):
-        self.path = path
-        self.first_seq = first_seq
-        self.wanted = wanted
-        what = ("seq %d is" % wanted if wanted is not None
-                else "seq 1..%d are" % (first_seq - 1))
-        by = " (covered by backup %s)" % covered_by if covered_by else ""
-        super().__init__(
-            "journal %s starts at seq %d: %s no longer in it, removed by"
-            " zodb-journal prune%s. A ZODB can only be restored from a"
-            " backup whose marker is at seq %d or later (zodb-journal"
-            " restore); a rebuild from an empty ZODB is not possible"
-            % (path, first_seq, what, by, first_seq - 1))
 
 
 def read_prune_state(path):

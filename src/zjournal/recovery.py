@@ -36,10 +36,11 @@ import transaction
 from zjournal import commands
 from zjournal import faults
 from zjournal.errors import CommandError
+from zjournal.errors import BackupTooNewError
 from zjournal.errors import ForensicZODBError
 from zjournal.errors import HistoryMismatchError
+from zjournal.errors import JournalPrunedError
 from zjournal.errors import NotJournaledError
-from zjournal.errors import RecoveryError
 from zjournal.errors import ReplayError
 from zjournal.errors import WrongJournalError
 from zjournal.errors import ZODBAheadError
@@ -48,15 +49,6 @@ from zjournal.marker import MARKER_KEY
 from zjournal.marker import Marker
 
 logger = logging.getLogger(__name__)
-
-
-class BackupTooNewError(RecoveryError):
-    """A restore was asked for a point before the backup's own state.
-
-    Replay only goes forward: the state at an earlier point is reached
-    from an older backup (or, if the journal still starts at seq 1, by a
-    rebuild).
-    """
 
 
 class Recovery:
@@ -226,7 +218,6 @@ def _check_from_scratch(journal):
     """Refuse to build from seq 1 a journal whose start was pruned."""
     start = getattr(journal, "start_seq", 1)
     if start > 1:
-        from zjournal.journal import JournalPrunedError
         raise JournalPrunedError(journal.path, start, covered_by=getattr(
             journal, "prune_state", {}).get("covered_by"))
 
@@ -306,7 +297,6 @@ def catch_up(db, journal, until_seq=None, until_time=None, batch_size=1000,
 
 def _check_not_after(journal, seq, until_time):
     """Refuse a backup whose last command ran after ``until_time``."""
-    from zjournal.journal import JournalPrunedError
     try:
         entry = next(iter(journal.entries(seq, seq + 1)), None)
     except JournalPrunedError:
