@@ -25,6 +25,7 @@ import ZODB.Connection
 from zope.interface import implementer
 
 from zjournal import commands
+from zjournal import digest
 from zjournal import recovery
 from zjournal.datamanager import JournalDataManager
 from zjournal.errors import EncodeError
@@ -81,9 +82,10 @@ class JournaledDB:
     """Wrap a ``ZODB.DB`` and a journal; recover when opened.
 
     ``journal`` is an :class:`~zjournal.interfaces.IJournal`, or a
-    directory path or journal URI (see :func:`zjournal.open_journal`).  The JournaledDB
-    owns both: :meth:`close` closes them, and so does a failure to open
-    (a refusal by recovery), which leaves the journal unlocked.
+    directory path or journal URI (see :func:`zjournal.open_journal`).
+    The JournaledDB owns both: :meth:`close` closes them, and so does a
+    failure to open (a refusal by recovery, a bad option), which leaves
+    the journal unlocked.
 
     Options:
 
@@ -108,11 +110,20 @@ class JournaledDB:
         every read.  Each journaled query costs what a command costs (a
         journal record and sync, a ZODB commit of the marker) and
         serializes with commands.  Default False: queries just run.
+    ``digest_interval``
+        Record a digest of the whole state (:mod:`zjournal.digest`) in
+        the journal after each command whose seq is a multiple of N, as
+        an entry of its own (``zjournal.state-digest``) in the same
+        transaction, so that ``zodb-journal check-replay`` can tell
+        after which commands a replay stopped matching the live
+        database.  Each digest reads every object reachable from the
+        root: see :doc:`checkreplay` for what that costs.  Default None:
+        no digests.
     """
 
     def __init__(self, db, journal, allow_unjournaled=False, retries=10,
                  batch_size=1000, progress=None, batch_window=0.0,
-                 journal_queries=False):
+                 journal_queries=False, digest_interval=None):
         if isinstance(journal, str):
             journal = open_journal(journal)
         self.db = db
@@ -122,6 +133,7 @@ class JournaledDB:
         self.batch_size = batch_size
         self.progress = progress
         self.journal_queries = journal_queries
+        self.digest_interval = digest_interval
         # Journaled transactions are serialized at commit anyway (they all
         # write the marker); serializing them here turns would-be
         # conflicts between threads into a short wait.
@@ -143,6 +155,7 @@ class JournaledDB:
             raise RecoveryError("%r is already wrapped by a JournaledDB"
                                 % (db,))
         try:
+            _check_interval(digest_interval)
             self._install_connection_class()
             self.recovery = self._recover()
         except BaseException:
@@ -422,7 +435,33 @@ class JournaledDB:
             conn.zjournal_in_command = False
             _state.command = None
         dm.pending.append((seq, now, version, name, payload, 0, metadata))
+        if self.digest_interval and seq % self.digest_interval == 0:
+            self._record_digest(conn, dm, marker, seq)
         return result
+
+    def _record_digest(self, conn, dm, marker, seq):
+        """Journal the digest of the state after ``seq``, as seq + 1.
+
+        Computed here, before anything else runs in the transaction, so
+        that it describes exactly the state after ``seq`` even when the
+        transaction goes on with more commands; and inside the
+        transaction that ends at ``seq``, so that with several processes
+        it is still the state the journal order produced (a conflict
+        retries the transaction, digest included).
+        """
+        began = time.perf_counter()
+        entry = digest.record(conn.root(), seq)
+        name, version, payload = commands.encode(entry)
+        conn.zjournal_in_command = True
+        try:
+            marker.last_seq = seq + 1
+        finally:
+            conn.zjournal_in_command = False
+        dm.pending.append((seq + 1, time.time(), version, name, payload, 0,
+                           None))
+        logger.debug("state digest after seq %d: %s (%d objects, %.3fs)",
+                     seq, entry.digest, entry.objects,
+                     time.perf_counter() - began)
 
     def _joined_data_manager(self, conn):
         dm = self._data_manager(conn)
@@ -478,6 +517,14 @@ class JournaledDB:
             dm.pending.append((seq, now, version, name, payload, FLAG_QUERY,
                                metadata))
         return result
+
+
+def _check_interval(digest_interval):
+    if digest_interval is not None and (
+            isinstance(digest_interval, bool)
+            or not isinstance(digest_interval, int) or digest_interval < 1):
+        raise ValueError("digest_interval must be a positive number of"
+                         " commands or None, not %r" % (digest_interval,))
 
 
 def _check_metadata(command, metadata):

@@ -1,0 +1,735 @@
+"""A canonical digest of the state reachable from a ZODB root.
+
+Two databases hold the same application state when the same objects,
+reached the same way from the root, hold the same values -- whatever
+their oids, the order their objects were created in, how their BTrees
+happen to be split into buckets, and whatever a connection's cache holds.
+:func:`state_digest` reduces that state to one hash; :func:`compare`
+walks two databases side by side and names the first object where they
+differ.  ``zodb-journal check-replay`` (:mod:`zjournal.checkreplay`) is
+built on both, and :class:`StateDigest` records digests in the journal.
+
+The walk
+    Breadth first from the root, children in canonical order.  Each
+    persistent object is named by the *path* it was first found by:
+    ``/accounts/alice`` is the value of key ``"alice"`` of the object at
+    key ``"accounts"`` of the root, ``/bank/accounts`` the attribute
+    ``accounts`` of the object at ``/bank``, ``/queue[3]`` a list element
+    or a key that is not a string.  An object found again (shared, or in a
+    cycle) is recorded as a reference to that first path and hashed once.
+    The zjournal marker (:data:`~zjournal.marker.MARKER_KEY`) is left out:
+    it says how the state was made, not what it is.
+
+What is hashed for each object
+    The ``module.qualname`` of its class and its state: what
+    ``__getstate__`` returns (what ZODB pickles), encoded canonically --
+    types kept apart (``1``, ``1.0`` and ``True`` differ), dict items and
+    set members in sorted order, references to persistent objects
+    replaced by their path, other objects by what they pickle as
+    (``__reduce_ex__``).  A BTree (or TreeSet, Set, Bucket) is hashed by
+    its items in key order, not by its buckets.
+
+What it cannot see
+    Persistent objects used as dict keys or set members are named in the
+    order their container holds them, which may follow their creation.
+    Objects only reachable through a ``_v_`` attribute, or not reachable
+    from the root at all, are not part of the state.
+
+Large databases are walked a few objects at a time: an object the walk
+loaded is turned back into a ghost once hashed, the cache is trimmed
+every :data:`GC_EVERY` objects, and only each object's path is kept (to
+name references to it), never its state.
+"""
+import collections
+import copyreg
+import hashlib
+import logging
+import operator
+import sys
+import time
+
+import persistent
+import persistent.list
+import persistent.mapping
+import persistent.wref
+from BTrees.Interfaces import IDictionaryIsh
+from BTrees.Interfaces import IKeyed
+
+from zjournal.commands import Command
+from zjournal.errors import ZJournalError
+from zjournal.marker import MARKER_KEY
+
+logger = logging.getLogger(__name__)
+
+#: Names the canonical encoding and the hash.  Digests made under another
+#: scheme are not comparable with these, and are not compared.
+SCHEME = "zjournal-digest-1"
+
+#: Objects hashed between two trims of the connection's cache.
+GC_EVERY = 1000
+
+#: Objects waiting to be walked that are held in memory (as ghosts, most
+#: of them); beyond this, only their oids are.
+PENDING_OBJECTS = 100000
+
+# Encoded state is hashed in pieces of about this many bytes.
+_FLUSH = 1 << 16
+
+_MAPPINGS = (persistent.mapping.PersistentMapping,)
+_LISTS = (persistent.list.PersistentList,)
+
+
+class DigestError(ZJournalError):
+    """A value in the database cannot be encoded for a digest."""
+
+
+ObjectDigest = collections.namedtuple(
+    "ObjectDigest", "path class_name digest")
+ObjectDigest.__doc__ = """One object of a walk: where, what class, which hash
+(hex)."""
+
+
+class Digest(collections.namedtuple("Digest", "hexdigest objects")):
+    """The digest of a whole state and how many objects it covers."""
+
+    scheme = SCHEME
+
+
+class Difference(collections.namedtuple(
+        "Difference", "path live_class replayed_class detail live replayed")):
+    """The first object where two states differ.
+
+    ``detail`` names the part that differs (an attribute, a key), or is
+    empty when only the whole object can be shown; ``live`` and
+    ``replayed`` summarize each side's value of that part, or ``None``
+    where a side has no object at that point of the walk.
+    """
+
+    def describe(self):
+        """The difference as lines of text, for people."""
+        head = "%s (%s)" % (self.path, self._classes())
+        if self.detail:
+            head += ", " + self.detail
+        return [head + ":", "  live:     %s" % _or_absent(self.live),
+                "  replayed: %s" % _or_absent(self.replayed)]
+
+    def _classes(self):
+        if self.live_class == self.replayed_class:
+            return self.live_class
+        return "live %s, replayed %s" % (_or_absent(self.live_class),
+                                         _or_absent(self.replayed_class))
+
+    def as_dict(self):
+        return dict(self._asdict())
+
+
+def _or_absent(value):
+    return "<absent>" if value is None else value
+
+
+class Comparison(collections.namedtuple(
+        "Comparison", "live replayed difference")):
+    """What :func:`compare` found: two :class:`Digest` and the first
+    :class:`Difference` (None when the states are equal)."""
+
+    @property
+    def equal(self):
+        return self.difference is None
+
+
+class WalkProgress:
+    """Reports a long walk, like :class:`zjournal.recovery.Progress` for
+    replays: a status line on a terminal, else a log line now and then."""
+
+    def __init__(self, label="digest", tty=False, stream=None, interval=None):
+        self.label = label
+        self.tty = tty
+        self.stream = stream if stream is not None else sys.stderr
+        self.interval = interval if interval is not None else (
+            0.2 if tty else 5.0)
+        self.began = self.shown = time.perf_counter()
+        self.written = False
+
+    def __call__(self, objects, done=False):
+        now = time.perf_counter()
+        if now - self.shown < self.interval and not (done and self.written):
+            return
+        self.shown = now
+        text = "%s: %s objects (%.0f/s)" % (
+            self.label, format(objects, ","),
+            objects / max(now - self.began, 1e-9))
+        if self.tty:
+            self.stream.write("\r" + text + ("\n" if done else ""))
+            self.stream.flush()
+            self.written = not done
+        else:
+            logger.info(text)
+
+
+class _Ref:
+    """A reference to a persistent object, as a difference shows it."""
+
+    __slots__ = ("path",)
+
+    def __init__(self, path):
+        self.path = path
+
+    def __repr__(self):
+        return "<ref %s>" % (self.path or "/")
+
+
+class _Unknown:
+    """A persistent object a description reached but the walk had not."""
+
+    def __init__(self, obj):
+        self.class_name = _class_name(type(obj))
+
+    def __repr__(self):
+        return "<%s not yet walked>" % self.class_name
+
+
+def _class_name(cls):
+    return "%s.%s" % (getattr(cls, "__module__", "?"),
+                      getattr(cls, "__qualname__",
+                              getattr(cls, "__name__", repr(cls))))
+
+
+def _step(base, key):
+    """The path of the value at ``key`` (an attribute or key) of ``base``."""
+    if type(key) is str:
+        return base + "/" + key.replace("%", "%25").replace("/", "%2F")
+    return base + "[%r]" % (key,)
+
+
+def _is_tree(obj):
+    """A BTree, TreeSet, Set or Bucket: hashed by items, not by buckets."""
+    return IKeyed.providedBy(obj)
+
+
+class Walker:
+    """Walks the persistent objects reachable from ``root``, in canonical
+    order, yielding an :class:`ObjectDigest` for each.
+
+    After a complete iteration ``hexdigest`` and ``objects`` describe the
+    whole state.  ``root`` may be the root of a connection in the middle
+    of a transaction: objects changed or added by the transaction are
+    hashed as they are in memory.  ``progress(objects, done=False)`` is
+    called every ``gc_every`` objects and at the end.
+    """
+
+    def __init__(self, root, progress=None, exclude=(MARKER_KEY,),
+                 gc_every=GC_EVERY):
+        self.root = root
+        self.jar = root._p_jar
+        self.progress = progress
+        self.exclude = frozenset(exclude)
+        self.gc_every = gc_every
+        self.objects = 0
+        self.hexdigest = None
+        self._paths = {}       # object key -> the path it was found by
+        self._pending = collections.deque()
+        self._pinned = []      # unsaved objects: their id() keys them
+        self._total = hashlib.blake2b(digest_size=32)
+        self._probe = False
+        self._current = None   # the object whose state is being encoded
+        # (object, oid) of the object yielded last, for compare() to
+        # describe a difference with.
+        self._last = None
+
+    def __iter__(self):
+        self._discover(self.root, "")
+        pending = self._pending
+        while pending:
+            path, oid, obj = pending.popleft()
+            if obj is None:
+                obj = self.jar.get(oid)
+            was_ghost = obj._p_changed is None
+            visit = self._visit(obj, path)
+            if was_ghost:
+                # Loaded for the walk only: drop the state again, so a long
+                # walk does not fill memory (a no-op for changed objects).
+                obj._p_deactivate()
+            self.objects += 1
+            if self.objects % self.gc_every == 0:
+                if self.jar is not None:
+                    self.jar.cacheGC()
+                if self.progress is not None:
+                    self.progress(self.objects)
+            self._last = (obj, oid)
+            yield visit
+        self.hexdigest = self._total.hexdigest()
+        if self.progress is not None:
+            self.progress(self.objects, True)
+
+    def digest(self):
+        """Walk everything; return the :class:`Digest`."""
+        for _ in self:
+            pass
+        return Digest(self.hexdigest, self.objects)
+
+    # -- naming objects --------------------------------------------------
+
+    def _key(self, obj):
+        oid = obj._p_oid
+        if oid is not None and obj._p_jar is self.jar:
+            return oid
+        return ("unsaved", id(obj))
+
+    def _discover(self, obj, path):
+        """Name ``obj`` by ``path`` unless it has a name; return the name."""
+        key = self._key(obj)
+        known = self._paths.get(key)
+        if known is not None:
+            return known
+        if self._probe:
+            return None
+        self._paths[key] = path
+        if (type(key) is bytes and obj._p_changed is not True
+                and len(self._pending) >= PENDING_OBJECTS):
+            # Saved and unchanged, and many objects wait already: get it
+            # again by oid when its turn comes rather than keep it.  (That
+            # costs a second load: ZODB reads a record to make a ghost.)
+            self._pending.append((path, key, None))
+        else:
+            if type(key) is tuple:
+                self._pinned.append(obj)  # so that its id() stays its own
+            self._pending.append((path, key, obj))
+        return path
+
+    # -- hashing one object ----------------------------------------------
+
+    def _visit(self, obj, path):
+        name = _class_name(type(obj))
+        h = hashlib.blake2b(digest_size=32)
+        parts = [b"C", name.encode("utf-8"), b";"]
+        self._current = obj
+        try:
+            self._encode_object(obj, path, parts, h)
+        except DigestError:
+            raise
+        except RecursionError:
+            raise DigestError("the state of %s at %s is nested too deeply to"
+                              " digest" % (name, path or "/")) from None
+        finally:
+            self._current = None
+        h.update(b"".join(parts))
+        digest = h.digest()
+        encoded = path.encode("utf-8", "surrogatepass")
+        self._total.update(b"%d:%s%s" % (len(encoded), encoded, digest))
+        return ObjectDigest(path or "/", name, digest.hex())
+
+    def _encode_object(self, obj, path, parts, h):
+        obj._p_activate()
+        if _is_tree(obj):
+            self._encode_tree(obj, path, parts, h)
+            return
+        state = obj.__getstate__()
+        if isinstance(obj, _MAPPINGS) and type(state) is dict:
+            data = state.get("data")
+            if path == "" and self.exclude and isinstance(data, dict):
+                data = {k: v for k, v in data.items() if k not in self.exclude}
+            rest = {k: v for k, v in state.items() if k != "data"}
+            parts.append(b"M")
+            self._encode(data, path, _HERE, parts)
+            self._encode_dict(rest, path + "/@", parts)
+        elif isinstance(obj, _LISTS) and type(state) is dict:
+            rest = {k: v for k, v in state.items() if k != "data"}
+            parts.append(b"L")
+            self._encode(state.get("data"), path, _HERE, parts)
+            self._encode_dict(rest, path + "/@", parts)
+        else:
+            self._encode(state, path, _HERE, parts)
+
+    def _encode_tree(self, tree, path, parts, h):
+        if IDictionaryIsh.providedBy(tree):
+            parts.append(b"B")
+            for key, value in tree.items():
+                self._encode(key, path, _KEY, parts)
+                self._encode(value, path, key, parts)
+                if len(parts) > 4096:
+                    h.update(b"".join(parts))
+                    del parts[:]
+        else:
+            parts.append(b"S")
+            for key in tree.keys():
+                self._encode(key, path, _KEY, parts)
+                if len(parts) > 4096:
+                    h.update(b"".join(parts))
+                    del parts[:]
+        parts.append(b"E")
+
+    # -- the canonical encoding ------------------------------------------
+
+    def _encode(self, value, base, step, parts):
+        """Append the canonical encoding of ``value`` to ``parts``.
+
+        ``value`` is found at ``step`` (a key, an attribute, an index) of
+        ``base``; the path is built only if a persistent object needs it.
+        """
+        t = type(value)
+        if t is str:
+            data = value.encode("utf-8", "surrogatepass")
+            parts.append(b"s%d:" % len(data))
+            parts.append(data)
+        elif t is int:
+            parts.append(b"i%d;" % value)
+        elif value is None:
+            parts.append(b"N")
+        elif t is bool:
+            parts.append(b"T" if value else b"F")
+        elif t is float:
+            parts.append(b"f%s;" % value.hex().encode("ascii"))
+        elif t is bytes:
+            parts.append(b"b%d:" % len(value))
+            parts.append(value)
+        elif t is tuple or t is list:
+            here = _at(base, step)
+            parts.append(b"(" if t is tuple else b"[")
+            for i, item in enumerate(value):
+                self._encode(item, here, i, parts)
+            parts.append(b")" if t is tuple else b"]")
+        elif t is dict:
+            self._encode_dict(value, _at(base, step), parts)
+        elif t is set or t is frozenset:
+            here = _at(base, step)
+            items = sorted(self._bytes(item, here, _KEY) for item in value)
+            parts.append(b"<" if t is set else b"f<")
+            for item in items:
+                parts.append(b"%d:" % len(item))
+                parts.append(item)
+            parts.append(b">")
+        elif isinstance(value, persistent.Persistent):
+            self._encode_reference(value, _at(base, step), parts)
+        elif isinstance(value, persistent.wref.WeakRef):
+            target = value()
+            parts.append(b"W")
+            if target is None:
+                parts.append(b"N")
+            else:
+                self._encode_reference(target, _at(base, step), parts)
+        elif isinstance(value, type) or _is_global(value):
+            parts.append(b"g%s;" % _class_name(value).encode("utf-8"))
+        else:
+            self._encode_reduced(value, base, step, parts)
+
+    def _encode_dict(self, value, here, parts):
+        keyed = []
+        for key in value:
+            if type(key) is str:  # most keys: attribute names
+                data = key.encode("utf-8", "surrogatepass")
+                keyed.append((b"s%d:%s" % (len(data), data), key))
+            else:
+                keyed.append((self._bytes(key, here, _KEY), key))
+        keyed.sort(key=_first)
+        parts.append(b"{")
+        for encoded, key in keyed:
+            parts.append(b"%d:" % len(encoded))
+            parts.append(encoded)
+            self._encode(value[key], here, key, parts)
+        parts.append(b"}")
+
+    def _encode_reference(self, obj, path, parts):
+        name = self._discover(obj, path)
+        if name is None:  # a probe met an object the walk has not named
+            parts.append(b"?%s;" % _class_name(type(obj)).encode("utf-8"))
+            return
+        data = name.encode("utf-8", "surrogatepass")
+        parts.append(b"@%d:" % len(data))
+        parts.append(data)
+
+    def _encode_reduced(self, value, base, step, parts):
+        """Any other object, by what it pickles as."""
+        try:
+            reduced = value.__reduce_ex__(2)
+        except Exception as e:
+            raise DigestError(
+                "cannot digest the %s found in %s at %s: it does not pickle"
+                " (%s: %s)" % (_class_name(type(value)),
+                               _class_name(type(self._current)),
+                               _at(base, step) or "/", type(e).__name__,
+                               e)) from e
+        if isinstance(reduced, str):
+            parts.append(b"g%s.%s;" % (
+                getattr(value, "__module__", "?").encode("utf-8"),
+                reduced.encode("utf-8")))
+            return
+        here = _at(base, step)
+        func, args = reduced[0], reduced[1]
+        rest = tuple(reduced[2:]) + (None,) * (5 - len(reduced))
+        state, listitems, dictitems = rest[0], rest[1], rest[2]
+        parts.append(b"R")
+        if func is copyreg.__newobj__ and args:
+            parts.append(b"g%s;" % _class_name(args[0]).encode("utf-8"))
+            args = args[1:]
+        else:
+            parts.append(b"g%s;" % _class_name(func).encode("utf-8"))
+        self._encode(tuple(args), here, "@args", parts)
+        self._encode(state, here, _HERE, parts)
+        self._encode(list(listitems) if listitems is not None else None,
+                     here, _HERE, parts)
+        self._encode(dict(dictitems) if dictitems is not None else None,
+                     here, _HERE, parts)
+
+    def _bytes(self, value, base, step):
+        parts = []
+        self._encode(value, base, step, parts)
+        return b"".join(parts)
+
+    # -- describing a difference -----------------------------------------
+
+    def _probe_bytes(self, value):
+        """The encoding of a value of an object already walked, without
+        naming anything new."""
+        self._probe = True
+        try:
+            return self._bytes(value, "", _HERE)
+        finally:
+            self._probe = False
+
+    def _plain(self, value, depth=0):
+        """``value`` with persistent references shown as paths."""
+        if depth > 20:
+            return "..."
+        t = type(value)
+        if t in (tuple, list):
+            return t(self._plain(v, depth + 1) for v in value)
+        if t is dict:
+            return {self._plain(k, depth + 1): self._plain(v, depth + 1)
+                    for k, v in value.items()}
+        if t in (set, frozenset):
+            return t(self._plain(v, depth + 1) for v in value)
+        if isinstance(value, persistent.Persistent):
+            path = self._paths.get(self._key(value))
+            return _Unknown(value) if path is None else _Ref(path)
+        return value
+
+
+class _Here:
+    """The step meaning "the same place as the container"."""
+
+    def __repr__(self):
+        return "_HERE"
+
+
+class _KeyStep:
+    """The step of a persistent object used as a key or set member."""
+
+
+_HERE = _Here()
+_KEY = _KeyStep()
+
+
+_first = operator.itemgetter(0)
+
+
+def _at(base, step):
+    if step is _HERE:
+        return base
+    if step is _KEY:
+        return base + "/<key>"
+    return _step(base, step)
+
+
+def _is_global(value):
+    """Functions, builtins and classes pickle by name."""
+    return isinstance(value, (type(len), type(_at), type(str.join)))
+
+
+# -- public entry points ----------------------------------------------------
+
+def state_digest(root, progress=None, exclude=(MARKER_KEY,)):
+    """The :class:`Digest` of everything reachable from ``root``.
+
+    ``root`` is a connection's root mapping (``conn.root()``).  The
+    marker is left out; ``exclude`` names the root keys to leave out
+    instead.  ``progress(objects, done=False)`` is called now and then.
+    """
+    return Walker(root, progress, exclude).digest()
+
+
+def compare(live, replayed, progress=None, exclude=(MARKER_KEY,)):
+    """Walk two roots side by side; return a :class:`Comparison`.
+
+    Both walks visit objects in the same order for as long as the states
+    agree, so the first object whose class or hash differs is the first
+    difference in walk order: the shallowest one, near the root.  Both
+    walks still run to the end, for their digests.
+    """
+    a = Walker(live, progress and _Side(progress, "live"), exclude)
+    b = Walker(replayed, progress and _Side(progress, "replayed"), exclude)
+    difference = None
+    ia, ib = iter(a), iter(b)
+    while True:
+        va = next(ia, None)
+        oa = a._last if va is not None else None
+        vb = next(ib, None)
+        ob = b._last if vb is not None else None
+        if va is None and vb is None:
+            break
+        if difference is None and va != vb:
+            difference = _difference(a, b, va, vb, oa, ob)
+        if va is None:
+            for _ in ib:
+                pass
+            break
+        if vb is None:
+            for _ in ia:
+                pass
+            break
+    return Comparison(Digest(a.hexdigest, a.objects),
+                      Digest(b.hexdigest, b.objects), difference)
+
+
+class _Side:
+    """Progress of one of the two walks of :func:`compare`."""
+
+    def __init__(self, progress, side):
+        self.progress = progress
+        self.side = side
+
+    def __call__(self, objects, done=False):
+        if self.side == "live":
+            self.progress(objects, done)
+
+
+_SHOW = 160
+
+
+def _short(value):
+    try:
+        text = repr(value)
+    except Exception as e:  # a broken __repr__ must not hide the result
+        text = "<%s: repr failed: %s>" % (type(value).__name__, e)
+    return text if len(text) <= _SHOW else text[:_SHOW - 3] + "..."
+
+
+def _difference(a, b, va, vb, oa, ob):
+    """Describe the first difference the walks met."""
+    path = (va or vb).path
+    if va is None or vb is None:
+        # Cannot happen while both walks agree (the object count follows
+        # from the states), but a description beats an assertion.
+        return Difference(path, va and va.class_name, vb and vb.class_name,
+                          "", None if va is None else "an object",
+                          None if vb is None else "an object")
+    obj_a, obj_b = oa[0], ob[0]
+    if va.class_name != vb.class_name:
+        return Difference(path, va.class_name, vb.class_name, "",
+                          _short(a._plain(_state(obj_a))),
+                          _short(b._plain(_state(obj_b))))
+    detail, left, right = _first_difference(a, b, obj_a, obj_b)
+    return Difference(path, va.class_name, vb.class_name, detail, left, right)
+
+
+def _state(obj):
+    obj._p_activate()
+    if _is_tree(obj):
+        if IDictionaryIsh.providedBy(obj):
+            return dict(obj.items()) if len(obj) <= 20 else "<%d items>" % (
+                len(obj))
+        return sorted(obj.keys())[:20]
+    return obj.__getstate__()
+
+
+_MISSING = object()
+
+
+def _first_difference(a, b, obj_a, obj_b):
+    """(what, live summary, replayed summary) of the first differing part."""
+    obj_a._p_activate()
+    obj_b._p_activate()
+    if _is_tree(obj_a) and _is_tree(obj_b):
+        return _tree_difference(a, b, obj_a, obj_b)
+    state_a, state_b = obj_a.__getstate__(), obj_b.__getstate__()
+    if isinstance(obj_a, _MAPPINGS) and type(state_a) is dict and type(
+            state_b) is dict:
+        data_a = dict(state_a.get("data") or {})
+        data_b = dict(state_b.get("data") or {})
+        for key in a.exclude if obj_a is a.root else ():
+            data_a.pop(key, None)
+            data_b.pop(key, None)
+        found = _dict_difference(a, b, data_a, data_b, "key")
+        if found is not None:
+            return found
+    if type(state_a) is dict and type(state_b) is dict:
+        found = _dict_difference(a, b, state_a, state_b, "attribute")
+        if found is not None:
+            return found
+    return ("", _short(a._plain(state_a)), _short(b._plain(state_b)))
+
+
+def _dict_difference(a, b, da, db, kind):
+    keys = sorted(set(da) | set(db), key=lambda k: a._probe_bytes(k))
+    for key in keys:
+        va, vb = da.get(key, _MISSING), db.get(key, _MISSING)
+        if va is _MISSING or vb is _MISSING or (
+                a._probe_bytes(va) != b._probe_bytes(vb)):
+            return ("%s %s" % (kind, _short(key)),
+                    None if va is _MISSING else _short(a._plain(va)),
+                    None if vb is _MISSING else _short(b._plain(vb)))
+    return None
+
+
+def _tree_difference(a, b, ta, tb):
+    mapping = IDictionaryIsh.providedBy(ta) and IDictionaryIsh.providedBy(tb)
+    ia = iter(ta.items() if mapping else ((k, None) for k in ta.keys()))
+    ib = iter(tb.items() if mapping else ((k, None) for k in tb.keys()))
+    end = (_MISSING, None)
+    while True:
+        ka, va = next(ia, end)
+        kb, vb = next(ib, end)
+        if ka is _MISSING and kb is _MISSING:
+            return ("", "%d items" % len(ta), "%d items" % len(tb))
+        same_key = (ka is not _MISSING and kb is not _MISSING
+                    and a._probe_bytes(ka) == b._probe_bytes(kb))
+        if same_key:
+            if a._probe_bytes(va) != b._probe_bytes(vb):
+                return ("key %s" % _short(ka), _short(a._plain(va)),
+                        _short(b._plain(vb)))
+            continue
+        # The first key only one side has: the smaller of the two.
+        if kb is _MISSING or (ka is not _MISSING and _before(ka, kb)):
+            return ("key %s" % _short(ka),
+                    _short(a._plain(va)) if mapping else "present", None)
+        return ("key %s" % _short(kb), None,
+                _short(b._plain(vb)) if mapping else "present")
+
+
+def _before(x, y):
+    try:
+        return x < y
+    except TypeError:
+        return repr(x) < repr(y)
+
+
+# -- digests recorded in the journal ---------------------------------------
+
+DIGEST_COMMAND = "zjournal.state-digest"
+
+
+class StateDigest(Command):
+    """A journal entry recording the digest of the state after seq
+    ``after``, written by ``JournaledDB(digest_interval=N)``.
+
+    It changes nothing, so a journal with digests rebuilds like any other;
+    ``zodb-journal check-replay`` compares each one with the digest of the
+    state its replay has reached at that point.
+    """
+
+    command_name = DIGEST_COMMAND
+
+    def __init__(self, after, digest, objects, scheme=SCHEME):
+        self.after = after
+        self.digest = digest
+        self.objects = objects
+        self.scheme = scheme
+
+    def execute(self, root, context):
+        return None
+
+
+def record(root, after):
+    """A :class:`StateDigest` of ``root``'s state, to journal after seq
+    ``after``."""
+    result = state_digest(root)
+    return StateDigest(after, result.hexdigest, result.objects)

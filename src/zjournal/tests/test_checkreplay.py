@@ -1,0 +1,409 @@
+"""zodb-journal check-replay: real journals, real FileStorages, the CLI.
+
+The commands that break determinism on purpose live here, so that
+``--import zjournal.tests.test_checkreplay`` finds them (already imported
+when the CLI runs in-process).
+"""
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+
+import pytest
+import transaction
+import ZODB
+import ZODB.FileStorage
+
+from zjournal import Command
+from zjournal import cli
+from zjournal.digest import DIGEST_COMMAND
+from zjournal.tests.examples import Counter
+from zjournal.tests.examples import FailOnReplay
+from zjournal.tests.examples import Increment
+from zjournal.tests.examples import Put
+from zjournal.tests.examples import Stamp
+
+EXAMPLES = "zjournal.tests.examples"
+HERE = "zjournal.tests.test_checkreplay"
+
+
+def _counter(root, name):
+    counters = root["counters"]
+    if name not in counters:
+        counters[name] = Counter()
+    return counters[name]
+
+
+class RandomBump(Command):
+    """Draws from the random module instead of context.random."""
+    command_name = "tests.checkreplay.random-bump"
+
+    def __init__(self, name):
+        self.name = name
+
+    def execute(self, root, context):
+        _counter(root, self.name).value += random.randrange(1, 1 << 40)
+
+
+class ClockStamp(Command):
+    """Reads the clock instead of context.time."""
+    command_name = "tests.checkreplay.clock-stamp"
+
+    def __init__(self, name):
+        self.name = name
+
+    def execute(self, root, context):
+        _counter(root, self.name).value = time.time()
+
+
+class Reset(Command):
+    """Overwrites what a non-deterministic command wrote."""
+    command_name = "tests.checkreplay.reset"
+
+    def __init__(self, name):
+        self.name = name
+
+    def execute(self, root, context):
+        _counter(root, self.name).value = 0
+
+
+def run(capsys, *argv):
+    status = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def check(capsys, site, *extra):
+    return run(capsys, "check-replay", site.journal_dir, "--zodb",
+               site.data_fs, "--import", EXAMPLES, "--import", HERE, *extra)
+
+
+def check_json(capsys, site, *extra):
+    status, out, err = check(capsys, site, "--json", *extra)
+    return status, json.loads(out), err
+
+
+def workload(jdb, n, start=0):
+    """``n`` deterministic commands of several kinds."""
+    for i in range(start, start + n):
+        kind = i % 3
+        if kind == 0:
+            jdb.execute(Increment("a"))
+        elif kind == 1:
+            jdb.execute(Put("k%d" % (i % 7), i))
+        else:
+            jdb.execute(Stamp("s%d" % (i % 5)))
+
+
+def open_site(site, **kw):
+    return site.open(journal_kw={"fsync": "never"}, **kw)
+
+
+def digest_points(site):
+    """The ``after`` seqs of the digests the journal holds."""
+    journal = site.journal(readonly=True)
+    try:
+        return [e.args["after"] for e in journal.entries()
+                if e.command_name == DIGEST_COMMAND]
+    finally:
+        journal.close()
+
+
+class TestClean:
+
+    def test_with_digests(self, capsys, site):
+        jdb = open_site(site, digest_interval=4)
+        workload(jdb, 30)
+        last = jdb.journal.last_seq
+        jdb.close()
+        n = len(digest_points(site))
+        assert n >= 7 and last == 30 + n
+        status, out, err = check(capsys, site)
+        assert status == 0, out + err
+        assert "OK: the replayed state equals the live state" in out
+        assert "%d recorded in the journal, %d compared, %d matched" % (
+            n, n, n) in out
+        status, report, _ = check_json(capsys, site)
+        assert status == 0 and report["ok"] is True
+        assert report["live_digest"] == report["replayed_digest"]
+        assert report["digests"]["matched"] == n
+        assert report["seq"] == report["replayed"] == last
+        assert report["difference"] is None and report["divergence"] is None
+
+    def test_threads_under_group_commit(self, capsys, site):
+        import threading
+        jdb = site.open(journal_kw={"fsync": "batch"}, digest_interval=3,
+                        batch_window=0.005)
+
+        def work(me):
+            for i in range(10):
+                jdb.execute(Increment("shared"))
+                jdb.execute(Put("t%d-%d" % (me, i), i))
+
+        threads = [threading.Thread(target=work, args=(me,))
+                   for me in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        jdb.close()
+        status, report, _ = check_json(capsys, site)
+        assert status == 0 and report["ok"], report
+        assert report["digests"]["matched"] == len(digest_points(site)) >= 10
+
+    def test_without_digests(self, capsys, site):
+        jdb = open_site(site)
+        workload(jdb, 12)
+        jdb.close()
+        status, out, err = check(capsys, site)
+        assert status == 0, out + err
+        assert "digests: none in the journal" in out
+        assert "OK" in out
+
+    def test_live_behind_its_journal_is_checked_up_to_its_seq(
+            self, capsys, site, tmp_path):
+        jdb = open_site(site, digest_interval=5)
+        workload(jdb, 20)
+        jdb.close()
+        older = str(tmp_path / "older.fs")
+        status, out, err = run(capsys, "rebuild", site.journal_dir,
+                               "--zodb", older, "--import", EXAMPLES,
+                               "--until", "12")
+        assert status == 0, err
+        status, report, err = run_json(capsys, site.journal_dir, older)
+        assert status == 0, err
+        assert report["seq"] == 12 < report["journal_seq"]
+        assert report["digests"]["recorded"] == len(
+            [p for p in digest_points(site) if p < 12])
+
+    def test_scratch_is_kept(self, capsys, site, tmp_path):
+        jdb = open_site(site)
+        workload(jdb, 9)
+        jdb.close()
+        scratch = str(tmp_path / "scratch.fs")
+        status, out, err = check(capsys, site, "--scratch", scratch)
+        assert status == 0, out + err
+        assert "kept at %s" % scratch in out
+        marker = cli.read_marker(scratch)
+        assert marker is not None and marker[1] == 9
+
+    def test_real_console_script(self, site):
+        jdb = open_site(site, digest_interval=3)
+        workload(jdb, 10)
+        jdb.close()
+        proc = subprocess.run(
+            [os.path.join(os.path.dirname(sys.executable), "zodb-journal"),
+             "check-replay", site.journal_dir, "--zodb", site.data_fs,
+             "--import", EXAMPLES],
+            capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "OK:" in proc.stdout
+
+
+    def test_command_the_imports_do_not_define(self, site):
+        jdb = open_site(site)
+        workload(jdb, 3)
+        jdb.execute(RandomBump("b"))
+        jdb.close()
+        # A fresh process imports only the examples, not this module.
+        proc = subprocess.run(
+            [sys.executable, "-m", "zjournal.cli", "check-replay",
+             site.journal_dir, "--zodb", site.data_fs, "--import", EXAMPLES],
+            capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert "seq 4" in proc.stderr
+        assert RandomBump.command_name in proc.stderr
+        assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+def run_json(capsys, journal_dir, data_fs):
+    status, out, err = run(capsys, "check-replay", journal_dir, "--zodb",
+                           data_fs, "--import", EXAMPLES, "--json")
+    return status, json.loads(out) if out else None, err
+
+
+class TestNonDeterministic:
+
+    @pytest.mark.parametrize("command", [RandomBump, ClockStamp])
+    def test_caught_and_located(self, capsys, site, command):
+        jdb = open_site(site, digest_interval=5)
+        workload(jdb, 11)
+        jdb.execute(command("b"))
+        culprit = jdb.journal.last_seq
+        workload(jdb, 10, start=11)
+        jdb.close()
+
+        status, out, err = check(capsys, site)
+        assert status == 1, out + err
+        assert "DIFFERENT" in out
+        assert "/counters/b" in out and command.command_name in out
+
+        status, report, _ = check_json(capsys, site)
+        assert status == 1 and report["ok"] is False
+        assert report["difference"]["path"] == "/counters/b"
+        assert report["difference"]["detail"] == "attribute 'value'"
+        assert report["difference"]["live"] != report["difference"]["replayed"]
+        points = digest_points(site)
+        expected_after = max(p for p in points if p < culprit)
+        expected_by = min(p for p in points if p >= culprit)
+        divergence = report["divergence"]
+        assert (divergence["after"], divergence["by"]) == (
+            expected_after, expected_by)
+        assert expected_by - expected_after <= 5
+        seqs = {c["seq"]: c["command_name"] for c in divergence["commands"]}
+        assert seqs[culprit] == command.command_name
+        assert all(expected_after < s <= expected_by for s in seqs)
+        assert report["digests"]["first_mismatch"]["after"] == expected_by
+
+    def test_exact_command_with_interval_one(self, capsys, site):
+        jdb = open_site(site, digest_interval=1)
+        workload(jdb, 4)
+        jdb.execute(RandomBump("b"))
+        culprit = jdb.journal.last_seq - 1  # its digest follows it
+        workload(jdb, 3, start=4)
+        jdb.close()
+        status, report, _ = check_json(capsys, site)
+        assert status == 1
+        divergence = report["divergence"]
+        assert divergence["by"] == culprit
+        assert [c["seq"] for c in divergence["commands"]] == [culprit]
+
+    def test_without_digests_the_whole_history_is_suspect(self, capsys,
+                                                          site):
+        jdb = open_site(site)
+        workload(jdb, 5)
+        jdb.execute(RandomBump("b"))
+        workload(jdb, 25, start=5)
+        jdb.close()
+        status, out, err = check(capsys, site)
+        assert status == 1
+        assert "after seq 0 (the start) and by seq 31" in out
+        assert "... and 11 more" in out  # 31 commands, 20 listed
+
+    def test_overwritten_later_is_still_caught_by_digests(self, capsys,
+                                                          site):
+        jdb = open_site(site, digest_interval=3)
+        workload(jdb, 4)
+        jdb.execute(RandomBump("b"))
+        workload(jdb, 4, start=4)
+        jdb.execute(Reset("b"))
+        workload(jdb, 3, start=8)
+        jdb.close()
+        status, report, _ = check_json(capsys, site)
+        assert status == 1
+        assert report["difference"] is None  # the end states agree
+        assert report["digests"]["first_mismatch"] is not None
+        status, out, _ = check(capsys, site)
+        assert "the final states are equal again" in out
+
+    def test_command_failing_on_replay(self, capsys, site):
+        jdb = open_site(site)
+        workload(jdb, 3)
+        jdb.execute(FailOnReplay())
+        workload(jdb, 2, start=3)
+        jdb.close()
+        status, out, err = check(capsys, site)
+        assert status == 1
+        assert "seq 4 (tests.fail-on-replay) raised on replay" in out
+        status, report, _ = check_json(capsys, site)
+        assert report["replay_error"]["seq"] == 4
+        assert report["divergence"]["by"] == 4
+
+
+class TestUnjournaled:
+
+    def test_allow_unjournaled_write(self, capsys, site):
+        jdb = open_site(site, digest_interval=4, allow_unjournaled=True)
+        workload(jdb, 10)
+        written_after = jdb.journal.last_seq
+        tm = transaction.TransactionManager()
+        conn = jdb.open(tm)
+        conn.root()["counters"]["a"].value += 1000
+        tm.commit()
+        conn.close()
+        workload(jdb, 10, start=10)
+        jdb.close()
+
+        status, report, _ = check_json(capsys, site)
+        assert status == 1
+        diff = report["difference"]
+        assert diff["path"] == "/counters/a"
+        assert diff["detail"] == "attribute 'value'"
+        assert int(diff["live"]) == int(diff["replayed"]) + 1000
+        divergence = report["divergence"]
+        assert divergence["after"] <= written_after < divergence["by"]
+        assert divergence["by"] - divergence["after"] <= 4
+        status, out, _ = check(capsys, site)
+        assert "bypassed the journal" in out
+        assert "/counters/a" in out
+
+    def test_write_with_a_plain_zodb(self, capsys, site):
+        jdb = open_site(site, digest_interval=6)
+        workload(jdb, 12)
+        jdb.close()
+        db = ZODB.DB(ZODB.FileStorage.FileStorage(site.data_fs))
+        with db.transaction() as conn:
+            conn.root()["table"]["sneaky"] = "not journaled"
+        db.close()
+
+        status, out, err = check(capsys, site)
+        assert status == 1, out + err
+        assert "/table (BTrees.OOBTree.OOBTree), key 'sneaky'" in out
+        status, report, _ = check_json(capsys, site)
+        diff = report["difference"]
+        assert (diff["path"], diff["detail"], diff["replayed"]) == (
+            "/table", "key 'sneaky'", None)
+        assert diff["live"] == repr("not journaled")
+        # Every digest matched: the write came after the last one.
+        points = digest_points(site)
+        assert report["digests"]["matched"] == len(points) == 2
+        assert (report["divergence"]["after"],
+                report["divergence"]["by"]) == (points[-1], report["seq"])
+
+
+class TestRefusals:
+
+    def test_live_zodb_without_marker(self, capsys, site, tmp_path):
+        jdb = open_site(site)
+        workload(jdb, 2)
+        jdb.close()
+        plain = str(tmp_path / "plain.fs")
+        db = ZODB.DB(ZODB.FileStorage.FileStorage(plain))
+        with db.transaction() as conn:
+            conn.root()["x"] = 1
+        db.close()
+        status, out, err = run(capsys, "check-replay", site.journal_dir,
+                               "--zodb", plain, "--import", EXAMPLES)
+        assert status == 1 and out == ""
+        assert "holds no zjournal marker" in err
+        assert "Traceback" not in err
+
+    def test_another_journal(self, capsys, site, tmp_path):
+        jdb = open_site(site)
+        workload(jdb, 2)
+        jdb.close()
+        from zjournal import FileJournal
+        other = FileJournal(str(tmp_path / "other"), fsync="never")
+        other.close()
+        status, out, err = run(capsys, "check-replay", str(tmp_path / "other"),
+                               "--zodb", site.data_fs, "--import", EXAMPLES)
+        assert status == 1
+        assert "was built from journal" in err
+
+    def test_scratch_must_be_new(self, capsys, site, tmp_path):
+        jdb = open_site(site)
+        workload(jdb, 2)
+        jdb.close()
+        status, out, err = check(capsys, site, "--scratch", site.data_fs)
+        assert status == 1
+        assert "exists and is not empty" in err
+
+    def test_missing_live(self, capsys, site, tmp_path):
+        jdb = open_site(site)
+        jdb.close()
+        status, out, err = run(capsys, "check-replay", site.journal_dir,
+                               "--zodb", str(tmp_path / "nope.fs"),
+                               "--import", EXAMPLES)
+        assert status == 1 and "no such file" in err

@@ -1,0 +1,596 @@
+"""The canonical state digest (zjournal.digest) and the digests
+JournaledDB(digest_interval=N) records in the journal."""
+import datetime
+import decimal
+import random
+
+import persistent
+import pytest
+import transaction
+import ZODB
+from BTrees.IOBTree import IOBTree
+from BTrees.OOBTree import OOBTree
+from BTrees.OOBTree import OOTreeSet
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
+from persistent.list import PersistentList
+from persistent.mapping import PersistentMapping
+
+from zjournal import JournaledDB
+from zjournal import digest
+from zjournal import execute
+from zjournal.digest import DIGEST_COMMAND
+from zjournal.digest import DigestError
+from zjournal.marker import MARKER_KEY
+from zjournal.recovery import rebuild
+from zjournal.tests.examples import Increment
+from zjournal.tests.examples import Put
+from zjournal.tests.examples import Stamp
+
+
+class Node(persistent.Persistent):
+
+    def __init__(self, name, **attrs):
+        self.name = name
+        self.__dict__.update(attrs)
+
+
+class Unpicklable:
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError("not today")
+
+
+def open_db(**kw):
+    db = ZODB.DB(None, **kw)
+    tm = transaction.TransactionManager()
+    return db, tm, db.open(tm)
+
+
+def build(fill, **kw):
+    """A MappingStorage DB whose root ``fill(root)`` populated; committed."""
+    db, tm, conn = open_db(**kw)
+    fill(conn.root())
+    tm.commit()
+    return db, conn
+
+
+def digest_of(fill):
+    db, conn = build(fill)
+    try:
+        return digest.state_digest(conn.root())
+    finally:
+        db.close()
+
+
+def oids(conn):
+    return {path: conn.get(oid)._p_oid for path, oid in _walk_oids(conn)}
+
+
+def _walk_oids(conn):
+    walker = digest.Walker(conn.root())
+    for visit in walker:
+        yield visit.path, walker._last[0]._p_oid
+
+
+class TestCanonical:
+
+    def test_insertion_order_and_oids_do_not_matter(self):
+        names = ["n%02d" % i for i in range(40)]
+
+        def fill(order, waste):
+            def fill_root(root):
+                # Objects created and dropped shift every later oid.
+                root["waste"] = [Node("w%d" % i) for i in range(waste)]
+                del root["waste"]
+                people = root["people"] = PersistentMapping()
+                for name in order:
+                    people[name] = Node(name, friends=PersistentList())
+                for name in names:
+                    people[name].friends.append(
+                        people[names[(names.index(name) + 1) % len(names)]])
+            return fill_root
+
+        shuffled = list(names)
+        random.Random(5).shuffle(shuffled)
+        db1, conn1 = build(fill(names, 0))
+        db2, conn2 = build(fill(shuffled, 7))
+        try:
+            assert digest.state_digest(conn1.root()) == digest.state_digest(
+                conn2.root())
+            # The test means something only if the oids really differ.
+            assert (conn1.root()["people"]["n03"]._p_oid
+                    != conn2.root()["people"]["n03"]._p_oid)
+        finally:
+            db1.close()
+            db2.close()
+
+    def test_btree_by_items_not_buckets(self):
+        keys = list(range(5000))
+        shuffled = list(keys)
+        random.Random(1).shuffle(shuffled)
+
+        def fill(order):
+            def fill_root(root):
+                tree = root["tree"] = IOBTree()
+                for k in order:
+                    tree[k] = "v%d" % k
+                for k in order[::3]:
+                    del tree[k]
+                for k in order[::3]:
+                    tree[k] = "v%d" % k
+            return fill_root
+
+        db1, conn1 = build(fill(keys))
+        db2, conn2 = build(fill(shuffled))
+        try:
+            t1, t2 = conn1.root()["tree"], conn2.root()["tree"]
+            assert list(t1.items()) == list(t2.items())
+            assert _buckets(t1) != _buckets(t2), "same buckets: a weak test"
+            assert digest.state_digest(conn1.root()) == digest.state_digest(
+                conn2.root())
+        finally:
+            db1.close()
+            db2.close()
+
+    def test_cycles_and_sharing(self):
+        def cycle(root):
+            a, b = Node("a"), Node("b")
+            a.other, b.other = b, a
+            root["a"], root["me"] = a, root  # the root refers to itself
+
+        def cycle_rebuilt(root):
+            b, a = Node("b"), Node("a")
+            b.other, a.other = a, b
+            root["me"], root["a"] = root, a
+
+        def self_loop(root):
+            a, b = Node("a"), Node("b")
+            a.other, b.other = b, b
+            root["a"], root["me"] = a, root
+
+        first = digest_of(cycle)
+        assert first == digest_of(cycle_rebuilt)
+        assert first.objects == 3
+        assert digest_of(self_loop) != first
+
+        def shared(root):
+            c = Node("c")
+            root["x"], root["y"] = Node("x", c=c), Node("y", c=c)
+
+        def copied(root):
+            root["x"] = Node("x", c=Node("c"))
+            root["y"] = Node("y", c=Node("c"))
+
+        assert digest_of(shared) != digest_of(copied)
+        assert digest_of(shared).objects == 4
+        assert digest_of(copied).objects == 5
+
+    @pytest.mark.parametrize("a, b", [
+        (1, 1.0), (1, True), (0.0, -0.0), ("1", b"1"), ([1], (1,)),
+        ({1: 2}, {2: 1}), ({"a": 1}, {"a": 1, "b": None}),
+        (set(), frozenset()), ({1, 2}, {1, 3}),
+        (datetime.date(2020, 1, 1), datetime.date(2020, 1, 2)),
+        (decimal.Decimal("1.0"), decimal.Decimal("1.00")),
+    ])
+    def test_values_of_different_meaning_differ(self, a, b):
+        assert digest_of(lambda r: r.update(v=a)) != digest_of(
+            lambda r: r.update(v=b))
+
+    def test_classes_differ(self):
+        assert digest_of(lambda r: r.update(v=OOBTree())) != digest_of(
+            lambda r: r.update(v=OOTreeSet()))
+        assert digest_of(lambda r: r.update(v=PersistentMapping())) != (
+            digest_of(lambda r: r.update(v=Node("x"))))
+
+    def test_marker_is_left_out(self):
+        from zjournal.marker import Marker
+
+        def with_marker(seq):
+            def fill(root):
+                root["data"] = Node("d")
+                root[MARKER_KEY] = Marker("some-journal", seq)
+            return fill
+
+        assert digest_of(with_marker(1)) == digest_of(with_marker(99))
+        assert digest_of(with_marker(1)) == digest_of(
+            lambda r: r.update(data=Node("d")))
+
+    def test_same_digest_warm_cold_and_before_commit(self):
+        def fill(root):
+            root["tree"] = OOBTree()
+            for i in range(300):
+                root["tree"]["k%03d" % i] = Node("k", n=i)
+
+        db, tm, conn = open_db()
+        fill(conn.root())
+        # Unsaved objects (no oids yet), in the middle of a transaction.
+        before = digest.state_digest(conn.root())
+        tm.commit()
+        warm = digest.state_digest(conn.root())
+        other = db.open()  # a cold cache: every object a ghost
+        try:
+            cold = digest.state_digest(other.root())
+        finally:
+            other.close()
+            db.close()
+        assert before == warm == cold
+
+    def test_long_walk_keeps_the_cache_small(self):
+        def fill(root):
+            root["tree"] = OOBTree()
+            for i in range(4000):
+                root["tree"]["k%05d" % i] = Node("k", n=i)
+
+        db, conn = build(fill, cache_size=100)
+        seen = []
+        try:
+            fresh = db.open()
+            result = digest.Walker(fresh.root(),
+                                   progress=lambda n, done=False:
+                                   seen.append(n)).digest()
+            assert result.objects == 4002
+            # Without turning objects back into ghosts the walk would leave
+            # all 4000 nodes in memory.
+            assert fresh._cache.cache_non_ghost_count < 500
+            assert seen[-1] == 4002 and len(seen) >= 4
+            fresh.close()
+        finally:
+            db.close()
+
+    def test_same_digest_when_waiting_objects_are_dropped(self,
+                                                          monkeypatch):
+        def fill(root):
+            root["tree"] = OOBTree()
+            for i in range(500):
+                root["tree"]["k%03d" % i] = Node("k", n=i, me=None)
+            root["tree"]["k007"].me = root["tree"]["k007"]
+
+        def walk():
+            fresh = db.open()
+            root = fresh.root()
+            gets = []
+            real = fresh.get
+            fresh.get = lambda oid: gets.append(oid) or real(oid)
+            try:
+                return digest.state_digest(root), len(gets)
+            finally:
+                del fresh.get
+                fresh.close()
+
+        db, conn = build(fill)
+        try:
+            held, reloaded = walk()
+            assert reloaded == 0
+            monkeypatch.setattr(digest, "PENDING_OBJECTS", 10)
+            dropped, reloaded = walk()
+            assert reloaded > 400  # most nodes waited as oids only
+            assert held == dropped
+        finally:
+            db.close()
+
+    def test_unpicklable_value_is_a_clear_error(self):
+        db, tm, conn = open_db()
+        try:
+            conn.root()["box"] = Node("box", thing=Unpicklable())
+            with pytest.raises(DigestError) as info:
+                digest.state_digest(conn.root())
+            assert "/box/thing" in str(info.value)
+            assert "not today" in str(info.value)
+        finally:
+            tm.abort()
+            db.close()
+
+
+def _buckets(tree):
+    """The sizes of a BTree's buckets."""
+    sizes = []
+    bucket = tree._firstbucket
+    while bucket is not None:
+        sizes.append(len(bucket))
+        bucket = bucket._next
+    return sizes
+
+
+# -- hypothesis: equal exactly when the values mean the same -----------------
+
+leaves = (st.none() | st.booleans() | st.integers() | st.text(max_size=5)
+          | st.binary(max_size=5) | st.floats(allow_nan=False))
+values = st.recursive(
+    leaves,
+    lambda inner: (st.lists(inner, max_size=4)
+                   | st.tuples(inner, inner)
+                   | st.dictionaries(st.text(max_size=3), inner, max_size=4)
+                   | st.frozensets(st.integers(), max_size=3)),
+    max_leaves=12)
+
+
+def meaning(value):
+    """An independent model of what the digest must tell apart."""
+    t = type(value)
+    if t is float:
+        return ("float", value.hex())
+    if t in (list, tuple):
+        return (t.__name__, [meaning(v) for v in value])
+    if t is dict:
+        return ("dict", sorted((repr(meaning(k)), meaning(v))
+                               for k, v in value.items()))
+    if t is frozenset:
+        return ("frozenset", sorted(repr(meaning(v)) for v in value))
+    return (t.__name__, value)
+
+
+def in_nodes(value, order):
+    """``value`` spread over persistent objects, created in ``order``."""
+    def fill(root):
+        holders = [Node(str(i)) for i in range(3)]
+        for i in order:
+            root["h%d" % i] = holders[i]
+        holders[0].value = value
+        holders[1].nested = PersistentMapping(inner=value)
+        holders[2].tree = OOBTree({"k": PersistentList([value])})
+    return fill
+
+
+@settings(max_examples=80, deadline=None)
+@given(values, values, st.permutations([0, 1, 2]))
+def test_equal_exactly_when_values_mean_the_same(a, b, order):
+    same = meaning(a) == meaning(b)
+    da = digest_of(in_nodes(a, [0, 1, 2]))
+    db = digest_of(in_nodes(b, order))
+    assert (da == db) == same, (a, b)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.dictionaries(st.text(max_size=4), st.integers(), min_size=1,
+                       max_size=30), st.data())
+def test_any_single_change_is_seen_and_located(table, data):
+    key = data.draw(st.sampled_from(sorted(table)))
+    change = data.draw(st.sampled_from(["value", "delete", "add"]))
+    changed = dict(table)
+    if change == "value":
+        changed[key] += 1
+    elif change == "delete":
+        del changed[key]
+    else:
+        changed[key + "+"] = 0 if (key + "+") not in table else None
+
+    def fill(content):
+        def fill_root(root):
+            root["tree"] = OOBTree({k: Node(k, v=v) for k, v in
+                                    content.items()})
+        return fill_root
+
+    db1, conn1 = build(fill(table))
+    db2, conn2 = build(fill(changed))
+    try:
+        result = digest.compare(conn1.root(), conn2.root())
+        assert result.live != result.replayed
+        diff = result.difference
+        if change == "value":
+            assert diff.path == "/tree" + digest._step("", key)
+            assert diff.detail == "attribute 'v'"
+        else:
+            assert diff.path == "/tree"
+            assert diff.detail.startswith("key ")
+    finally:
+        db1.close()
+        db2.close()
+
+
+class TestCompare:
+
+    def bank(self, alice=10, extra=None):
+        def fill(root):
+            bank = root["bank"] = Node("bank", accounts=OOBTree())
+            for name, balance in (("alice", alice), ("bob", 5)):
+                bank.accounts[name] = Node(name, balance=balance)
+            if extra:
+                bank.accounts[extra] = Node(extra, balance=0)
+        return fill
+
+    def compare(self, live, replayed):
+        db1, conn1 = build(live)
+        db2, conn2 = build(replayed)
+        try:
+            return digest.compare(conn1.root(), conn2.root())
+        finally:
+            db1.close()
+            db2.close()
+
+    def test_equal(self):
+        result = self.compare(self.bank(), self.bank())
+        assert result.equal and result.live == result.replayed
+
+    def test_attribute(self):
+        result = self.compare(self.bank(alice=11), self.bank())
+        assert not result.equal
+        diff = result.difference
+        assert (diff.path, diff.detail, diff.live, diff.replayed) == (
+            "/bank/accounts/alice", "attribute 'balance'", "11", "10")
+        assert diff.live_class.endswith("test_digest.Node")
+        text = "\n".join(diff.describe())
+        assert "/bank/accounts/alice" in text and "11" in text
+
+    def test_btree_key_only_one_side_has(self):
+        diff = self.compare(self.bank(extra="carol"), self.bank()).difference
+        assert (diff.path, diff.detail, diff.replayed) == (
+            "/bank/accounts", "key 'carol'", None)
+        assert diff.live.startswith("<ref /bank/accounts/carol")
+
+    def test_root_key_and_class(self):
+        diff = self.compare(lambda r: r.update(a=1, b=Node("b")),
+                            lambda r: r.update(a=1, b=PersistentMapping()),
+                            ).difference
+        assert diff.path == "/b"
+        assert diff.live_class != diff.replayed_class
+        diff = self.compare(lambda r: r.update(a=1), lambda r: r.update(a=2)
+                            ).difference
+        assert (diff.path, diff.detail, diff.live, diff.replayed) == (
+            "/", "key 'a'", "1", "2")
+
+
+# -- digests recorded by JournaledDB -----------------------------------------
+
+def entries(jdb):
+    return list(jdb.journal.entries())
+
+
+def replayed_digest(journal, until):
+    db = ZODB.DB(None)
+    try:
+        rebuild(db, journal, until_seq=until)
+        conn = db.open()
+        try:
+            return digest.state_digest(conn.root()).hexdigest
+        finally:
+            conn.close()
+    finally:
+        db.close()
+
+
+class TestRecordedDigests:
+
+    def test_every_nth_seq_and_describing_that_state(self, site):
+        jdb = site.open(digest_interval=3, journal_kw={"fsync": "never"})
+        try:
+            for i in range(10):
+                jdb.execute(Increment("a") if i % 2 else Stamp("s%d" % i))
+            found = entries(jdb)
+            digests = [e for e in found if e.command_name == DIGEST_COMMAND]
+            assert [e.args["after"] for e in digests] == [
+                e.seq for e in found
+                if e.seq % 3 == 0 and e.command_name != DIGEST_COMMAND]
+            assert all(e.args["after"] == e.seq - 1 for e in digests)
+            assert len(found) == 10 + len(digests) and len(digests) >= 3
+            for e in digests:
+                assert e.args["digest"] == replayed_digest(
+                    jdb.journal, e.args["after"])
+            # The last one is the state of the live database too.
+            conn = jdb.open()
+            try:
+                live = digest.state_digest(conn.root())
+            finally:
+                conn.close()
+            assert replayed_digest(jdb.journal, None) == live.hexdigest
+        finally:
+            jdb.close()
+
+    def test_mid_transaction_digest_is_the_state_after_its_seq(self, site):
+        jdb = site.open(digest_interval=2, journal_kw={"fsync": "never"})
+        try:
+            with jdb.transaction() as conn:
+                for i in range(4):
+                    execute(conn, Put("k%d" % i, i))
+            found = entries(jdb)
+            assert [e.command_name == DIGEST_COMMAND for e in found] == [
+                False, False, True, False, True, False, True]
+            first = found[2].args
+            assert first["after"] == 2
+            assert first["digest"] == replayed_digest(jdb.journal, 2)
+            assert first["digest"] != replayed_digest(jdb.journal, 6)
+        finally:
+            jdb.close()
+
+    def test_rolled_back_savepoint_drops_its_digest(self, site):
+        jdb = site.open(digest_interval=2, journal_kw={"fsync": "never"})
+        try:
+            with jdb.transaction() as conn:
+                execute(conn, Put("a", 1))
+                savepoint = conn.transaction_manager.get().savepoint()
+                execute(conn, Put("b", 2))  # seq 2: digest at 3
+                savepoint.rollback()
+                execute(conn, Put("c", 3))  # seq 2 again
+            names = [e.command_name for e in entries(jdb)]
+            assert names == ["tests.put", "tests.put", DIGEST_COMMAND]
+        finally:
+            jdb.close()
+
+    def test_off_by_default_and_checked(self, site):
+        jdb = site.open(journal_kw={"fsync": "never"})
+        try:
+            for i in range(5):
+                jdb.execute(Increment())
+            assert all(e.command_name != DIGEST_COMMAND for e in entries(jdb))
+        finally:
+            jdb.close()
+        for bad in (0, -1, "3", 2.5, True):
+            with pytest.raises(ValueError, match="digest_interval"):
+                JournaledDB(ZODB.DB(None), site.journal(),
+                            digest_interval=bad)
+
+
+WORKER = """
+import json, os, sys, time
+from zjournal import JournaledDB
+from zjournal.sqljournal import SQLiteJournal
+from zjournal.tests.examples import Increment, Put
+from zjournal.tests.stores import open_spec
+spec, path, me = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
+jdb = JournaledDB(open_spec(spec), SQLiteJournal(path, fsync="never"),
+                  digest_interval=3)
+while not os.path.exists(path + ".go"):  # start together
+    time.sleep(0.01)
+for i in range(15):
+    jdb.execute(Increment("shared"))
+    jdb.execute(Put("w%s-%d" % (me, i), i))
+    time.sleep(0.01)  # let the other process in
+print(jdb.retried)
+jdb.close()
+"""
+
+
+def test_several_processes_record_the_state_of_their_seq(tmp_path, capsys):
+    """Two processes share a ZEO store and an SQLite journal: each digest
+    must be that of the state after exactly its seq, whoever wrote it,
+    however the processes interleaved and retried."""
+    import json
+    import subprocess
+    import sys
+
+    from zjournal import cli
+    from zjournal.sqljournal import SQLiteJournal
+    from zjournal.tests.stores import StoreMaker
+    from zjournal.tests.stores import ZEOServers
+
+    servers = ZEOServers(str(tmp_path / "zeo"))
+    try:
+        with StoreMaker(str(tmp_path), servers) as maker:
+            store = maker.make("zeo")
+            path = str(tmp_path / "journal.sqlite")
+            JournaledDB(store.db(), SQLiteJournal(path, fsync="never")
+                        ).close()
+            workers = [subprocess.Popen(
+                [sys.executable, "-c", WORKER, json.dumps(store.spec()),
+                 path, str(me)], stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, text=True) for me in (1, 2)]
+            open(path + ".go", "w").close()
+            for worker in workers:
+                out, err = worker.communicate(timeout=120)
+                assert worker.returncode == 0, err
+
+            journal = SQLiteJournal(path, readonly=True)
+            try:
+                digests = [e for e in journal.entries()
+                           if e.command_name == DIGEST_COMMAND]
+                assert journal.last_seq == 60 + len(digests)
+                assert len(digests) >= 15
+                writers = [e.command.key[1] for e in journal.entries()
+                           if e.command_name == "tests.put"]
+                assert writers.index("2") < len(writers) - writers[
+                    ::-1].index("1"), "the processes did not interleave"
+                for e in digests:
+                    assert e.args["digest"] == replayed_digest(
+                        journal, e.args["after"]), e.seq
+            finally:
+                journal.close()
+            # And check-replay agrees, on the live ZEO store.
+            status = cli.main(["check-replay", "sqlite://" + path,
+                               "--zodb", store.uri, "--import",
+                               "zjournal.tests.examples", "--json"])
+            report = json.loads(capsys.readouterr()[0])
+            assert status == 0 and report["ok"], report
+            assert report["digests"]["matched"] == len(digests)
+    finally:
+        servers.stop()
