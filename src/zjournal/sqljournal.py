@@ -1211,6 +1211,12 @@ class PostgresJournal(SQLJournal):
     the table's OID, so that every name that reaches the table takes the
     same lock; readers take no lock.  Needs psycopg2 (``pip install
     'zjournal[postgresql]'``).
+
+    Every append also sends ``NOTIFY <channel>, '<last seq>'`` in the
+    transaction that inserts the rows, so PostgreSQL delivers it when,
+    and only if, they are committed.  The channel is :attr:`channel`:
+    the table name with ``_tail`` appended (``zjournal_tail`` by
+    default).  Followers wait on it (:meth:`listen`) instead of polling.
     """
 
     backend = "postgresql"
@@ -1249,6 +1255,13 @@ class PostgresJournal(SQLJournal):
                              " a password)") from None
         self._dsn = dsn
         self._params = params
+        #: The channel every append notifies, with the new last seq as
+        #: payload: the table name with ``_tail`` appended (a digest of
+        #: it, when that is longer than PostgreSQL's 63-byte limit).
+        self.channel = _channel(parts)
+        # Sent with the rows, not after them: a reader woken by it finds
+        # them committed, and no append commits without waking readers.
+        self._notify = '; NOTIFY "%s", ' % self.channel
         self.path = " ".join(
             ["%s=%s" % (k, v) for k, v in params.items()
              if k not in _SECRET_KEYWORDS] + ["table=%s" % table])
@@ -1329,12 +1342,19 @@ class PostgresJournal(SQLJournal):
         return cur.fetchone()
 
     def _insert(self, cur, rows):
+        # The payload is an int, the channel a checked identifier: nothing
+        # in the literal comes from outside.
+        notify = self._notify + "'%d'" % rows[-1][0]
         if len(rows) == 1:
-            cur.execute(self._sql["insert"], rows[0])
+            cur.execute(self._sql["insert"] + notify, rows[0])
         else:
             # One statement, one round trip, for a whole transaction.
-            self._pg.extras.execute_values(cur, self._insert_many, rows,
-                                           page_size=len(rows))
+            self._pg.extras.execute_values(cur, self._insert_many + notify,
+                                           rows, page_size=len(rows))
+
+    def listen(self):
+        """A :class:`Listener` woken by every append to this journal."""
+        return Listener(self._dsn, self.channel, self.path)
 
     def _is_duplicate(self, error):
         return getattr(error, "pgcode", None) == "23505"
@@ -1370,6 +1390,103 @@ class PostgresJournal(SQLJournal):
 
     def _drop_schema(self, cur):
         cur.execute("DROP TABLE %s, %s" % (self._entries, self._info))
+
+
+# Appended to the table name to name the channel appends notify.
+CHANNEL_SUFFIX = "_tail"
+
+
+def _channel(parts):
+    """The NOTIFY channel of the table ``parts`` name.
+
+    A channel name is an identifier, cut by PostgreSQL at 63 bytes; one
+    that would be longer is replaced by a digest of the table name, so
+    that two long names never share a channel.
+    """
+    name = ".".join(parts) + CHANNEL_SUFFIX
+    if len(name) > _MAX_IDENTIFIER:
+        digest = hashlib.blake2b(".".join(parts).encode("ascii"),
+                                 digest_size=12).hexdigest()
+        name = "zjournal_%s%s" % (digest, CHANNEL_SUFFIX)
+    return name
+
+
+class Listener:
+    """A connection of its own that LISTENs on a journal's channel.
+
+    The journal's connection serves appends and reads, and a
+    notification only arrives at a connection that waits for it: this
+    one does nothing else.  A lost connection is logged and opened again
+    at the next :meth:`wait`; notifications sent meanwhile are lost, which
+    is why a follower polls too, if rarely.
+    """
+
+    def __init__(self, dsn, channel, path=None):
+        import psycopg2
+        self._pg = psycopg2
+        self._dsn = dsn
+        self.channel = channel
+        self.path = path or channel
+        self._conn = None
+        self.connected = self._connect()
+
+    def _connect(self):
+        """Open the connection and LISTEN; False (logged) if it fails."""
+        pg = self._pg
+        try:
+            conn = pg.connect(self._dsn, application_name="zjournal follower",
+                              connect_timeout=10)
+        except pg.Error as e:
+            logger.warning("journal %s: cannot connect to listen for"
+                           " appends (%s); polling meanwhile", self.path,
+                           _reason(e))
+            return False
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute('LISTEN "%s"' % self.channel)
+        except pg.Error as e:
+            conn.close()
+            logger.warning("journal %s: LISTEN failed (%s); polling"
+                           " meanwhile", self.path, _reason(e))
+            return False
+        self._conn = conn
+        return True
+
+    def wait(self, timeout, wake=None):
+        """Wait up to ``timeout`` seconds for appends; return their seqs.
+
+        ``wake`` is a file descriptor whose becoming readable ends the
+        wait early (a follower's stop pipe).  An empty list means the
+        time ran out, ``wake`` fired, or the connection was lost.
+        """
+        import select
+        fds = [] if wake is None else [wake]
+        if self._conn is None and not self._connect():
+            select.select(fds, [], [], timeout)
+            return []
+        fds.append(self._conn)
+        try:
+            ready, _, _ = select.select(fds, [], [], timeout)
+            if self._conn not in ready:
+                return []
+            self._conn.poll()
+            found = [n.payload for n in self._conn.notifies]
+            del self._conn.notifies[:]
+        except (self._pg.Error, OSError, ValueError) as e:
+            logger.warning("journal %s: the listening connection failed"
+                           " (%s); reconnecting", self.path, e)
+            self.close()
+            return []
+        return [int(p) for p in found if p.isdigit()]
+
+    def close(self):
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except self._pg.Error:
+                pass
 
 
 _BYTES_TYPE = None
