@@ -343,13 +343,32 @@ class JournaledDB:
         self._check_open()
         return self.db.open(*args, **kw)
 
+    @property
+    def needs_catch_up(self):
+        """True when the journal holds commands the ZODB lacks.
+
+        A commit found the journal ahead (another process journaled and
+        had not yet finished its ZODB commit), or a ZODB commit failed
+        after the journal's vote.  :meth:`catch_up` clears it; an
+        integration that owns the transaction (``zjournal.pyramid``)
+        calls it before the retried work begins.
+        """
+        return self._needs_catch_up
+
     def catch_up(self):
         """Replay journal entries the ZODB lacks (normally none)."""
         with self._lock:
             self._needs_catch_up = False
-            return recovery.recover(self.db, self.journal,
-                                    batch_size=self.batch_size,
-                                    progress=self.progress)
+            try:
+                return recovery.recover(self.db, self.journal,
+                                        batch_size=self.batch_size,
+                                        progress=self.progress)
+            except BaseException:
+                # Still behind (a conflict with another process catching
+                # up, an interrupted replay): the next attempt must
+                # catch up again.
+                self._needs_catch_up = True
+                raise
 
     def close(self):
         """Close the ZODB and the journal (releasing its lock).  Idempotent."""

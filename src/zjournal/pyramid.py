@@ -304,14 +304,11 @@ def catch_up_tween_factory(handler, registry):
     jdb = get_journaled_db(registry)
 
     def zjournal_catch_up_tween(request):
-        if jdb._needs_catch_up:
-            try:
-                jdb.catch_up()
-            except transaction.interfaces.TransientError:
-                # Another process is catching up too: retry the request
-                # (pyramid_retry), and catch up again first.
-                jdb._needs_catch_up = True
-                raise
+        if jdb.needs_catch_up:
+            # A conflict with another process catching up too is a
+            # TransientError: pyramid_retry runs the request again, and
+            # the flag, still set, makes it catch up first.
+            jdb.catch_up()
         return handler(request)
 
     return zjournal_catch_up_tween

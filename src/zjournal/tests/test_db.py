@@ -349,3 +349,28 @@ class TestLifecycle:
         from zjournal.interfaces import IJournaledDB
         assert verifyObject(IJournaledDB, jdb)
         assert verifyObject(IJournal, jdb.journal)
+
+
+class TestCatchUp:
+
+    def test_a_failed_catch_up_is_tried_again(self, jdb, monkeypatch):
+        from zjournal import recovery
+        jdb.execute(Increment("n"))
+        assert not jdb.needs_catch_up
+        real = recovery.recover
+        calls = []
+
+        def conflicting(*args, **kw):
+            calls.append(1)
+            if len(calls) == 1:
+                raise ConflictError("another process is catching up")
+            return real(*args, **kw)
+
+        monkeypatch.setattr(recovery, "recover", conflicting)
+        jdb._needs_catch_up = True  # as a vote that found the journal ahead
+        with pytest.raises(ConflictError):
+            jdb.catch_up()
+        assert jdb.needs_catch_up
+        assert jdb.catch_up().action == "current"
+        assert not jdb.needs_catch_up
+        assert len(calls) == 2
