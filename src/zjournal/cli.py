@@ -16,12 +16,32 @@ Usage::
                         [--start N] [--stop N] [--import M]
     zodb-journal import FILE JOURNAL [--hmac-key-env VAR] [--import M]
     zodb-journal salvage SRC DST [--json]
+    zodb-journal restore JOURNAL --from BACKUP --zodb PATH_OR_URI
+                         --import MODULE ... [--until SEQ_OR_ISOTIME]
+                         [--backup-date DATE] [--batch-size N]
+    zodb-journal prune JOURNAL --covered-by BACKUP (--archive [DIR] | --remove)
+                       [--backup-date DATE] [--yes] [--dry-run]
+    zodb-journal check-replay JOURNAL --zodb PATH_OR_URI --import MODULE ...
+                              [--scratch PATH_OR_URI] [--batch-size N]
+                              [--json]
+    zodb-journal follow JOURNAL --zodb REPLICA --import MODULE ...
+                        [--interval SECONDS] [--no-listen] [--once]
+                        [--batch-size N] [--lag-report SECONDS]
+                        [--status-file FILE]
+    zodb-journal replay JOURNAL --import MODULE ... [--zodb SCRATCH]
+                        [--profile] [--json] [--compare PROFILE.json]
+                        [--start SEQ_OR_ISOTIME] [--until SEQ_OR_ISOTIME]
     zodb-journal demo [--dir DIR] [--commands N]
 
-``JOURNAL`` is a journal directory or a ``file://`` URI.  Every subcommand
-but ``demo`` and ``import`` opens the journal read-only: it takes no lock,
-so it works beside a running application, and it never changes a byte of
-the journal.
+The operations subcommands (restore, prune, check-replay, follow, replay)
+are defined in the modules that do the work (:mod:`zjournal.restore`,
+:mod:`zjournal.archive`, :mod:`zjournal.checkreplay`,
+:mod:`zjournal.follower`, :mod:`zjournal.sessionreplay`).
+
+``JOURNAL`` is a journal directory or a journal URI. Every subcommand but
+``demo``, ``import`` and ``prune`` opens the journal read-only: it takes no
+lock, so it works beside a running application, and it never changes a byte
+of the journal.
 
 ``verify`` reads every record and checks its checksum, framing, sequence
 number and chain hash (and signature, given the key); it prints nothing
