@@ -112,5 +112,15 @@ class IJournaledDB(Interface):
     def open():
         """Return an ordinary ZODB connection (thread's transaction)."""
 
+    digest_interval = Attribute(
+        "Journal a state digest every this many commands (None: never);"
+        " zodb-journal check-replay compares them on replay.")
+    needs_catch_up = Attribute(
+        "True when the journal holds commands the ZODB lacks; catch_up()"
+        " replays them.")
+
+    def catch_up():
+        """Replay journal entries the ZODB lacks; return a Recovery."""
+
     def close():
         """Close the database and the journal."""
