@@ -145,8 +145,8 @@ def add_subcommands(sub):
     p = sub.add_parser(
         "prune", help="archive or remove the journal segments a backup"
         " covers")
-    p.add_argument("journal", metavar="JOURNAL",
-                   help="a journal directory (file journals only)")
+    cli.journal_argument(p, help="a journal directory (file journals"
+                                 " only)")
     p.add_argument("--covered-by", required=True, metavar="BACKUP",
                    help="a repozo repository, FileStorage file or zodburi"
                         " URI of a ZODB built from this journal: segments"

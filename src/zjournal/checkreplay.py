@@ -66,10 +66,11 @@ class CheckReplayError(RecoveryError):
 
 
 def add_subcommands(sub):
+    from zjournal.cli import journal_argument
     p = sub.add_parser(
         "check-replay", help="replay a journal into a scratch ZODB and"
         " compare it with the live one, object by object")
-    p.add_argument("journal", metavar="JOURNAL")
+    journal_argument(p)
     p.add_argument("--zodb", required=True, metavar="PATH_OR_URI",
                    help="the live ZODB (FileStorage path or zodburi URI),"
                         " opened read-only")

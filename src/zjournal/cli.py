@@ -157,12 +157,12 @@ def _parser():
     sub.required = True
 
     p = sub.add_parser("info", help="summarize a journal")
-    p.add_argument("journal", metavar="JOURNAL")
+    journal_argument(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=cmd_info)
 
     p = sub.add_parser("verify", help="check every record of a journal")
-    p.add_argument("journal", metavar="JOURNAL")
+    journal_argument(p)
     p.add_argument("--decode", action="store_true",
                    help="also decode every payload (safe: no code runs)")
     p.add_argument("--zodb", metavar="PATH_OR_URI",
@@ -173,7 +173,7 @@ def _parser():
     p.set_defaults(run=cmd_verify)
 
     p = sub.add_parser("dump", help="print journal entries")
-    p.add_argument("journal", metavar="JOURNAL")
+    journal_argument(p)
     p.add_argument("--start", type=int, default=None, metavar="N",
                    help="first seq to print (default: the journal's first,"
                         " 1 unless it was pruned)")
@@ -186,7 +186,7 @@ def _parser():
 
     p = sub.add_parser("stats", help="count commands, transactions, bytes"
                        " and rates, by command, hour, day or user")
-    p.add_argument("journal", metavar="JOURNAL")
+    journal_argument(p)
     p.add_argument("--json", action="store_true",
                    help="print one JSON object")
     p.add_argument("--since", metavar="SEQ_OR_ISOTIME",
@@ -206,7 +206,7 @@ def _parser():
     p.set_defaults(run=cmd_stats)
 
     p = sub.add_parser("rebuild", help="replay a journal into an empty ZODB")
-    p.add_argument("journal", metavar="JOURNAL")
+    journal_argument(p)
     p.add_argument("--zodb", required=True, metavar="PATH_OR_URI",
                    help="FileStorage path or zodburi URI of the new ZODB")
     _import_option(p, required=True)
@@ -224,7 +224,7 @@ def _parser():
 
     p = sub.add_parser("export", help="write a journal's records as JSON"
                        " lines")
-    p.add_argument("journal", metavar="JOURNAL")
+    journal_argument(p)
     p.add_argument("--format", choices=["jsonl"], default="jsonl",
                    help="jsonl (the default and only format): a header"
                         " line, one line per record, an end line")
@@ -257,7 +257,7 @@ def _parser():
 
     p = sub.add_parser("salvage", help="copy the intact transactions of a"
                        " damaged journal into a new one")
-    p.add_argument("journal", metavar="SRC")
+    journal_argument(p, help="the damaged journal (only read)")
     p.add_argument("target", metavar="DST",
                    help="directory for the new journal (must not exist or"
                         " be empty)")
@@ -276,6 +276,15 @@ def _parser():
                    help="how many commands to run (default 3000)")
     p.set_defaults(run=cmd_demo)
     return parser
+
+
+JOURNAL_HELP = ("a journal directory, or a journal URI (file://, sqlite://,"
+                " postgresql://)")
+
+
+def journal_argument(p, help=JOURNAL_HELP):
+    """The JOURNAL argument every subcommand but demo takes."""
+    p.add_argument("journal", metavar="JOURNAL", help=help)
 
 
 def _import_option(p, required):

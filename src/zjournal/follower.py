@@ -693,10 +693,11 @@ def open_replica(spec):
 # -- the command line ---------------------------------------------------------
 
 def add_subcommands(sub):
+    from zjournal.cli import journal_argument
     p = sub.add_parser(
         "follow", help="keep a replica ZODB current with a journal, applying"
         " new entries as they arrive")
-    p.add_argument("journal", metavar="JOURNAL")
+    journal_argument(p)
     p.add_argument("--zodb", required=True, metavar="REPLICA",
                    help="FileStorage path or zodburi URI of the replica: an"
                         " empty ZODB (built from seq 1) or one with a"

@@ -1,6 +1,6 @@
 """The contracts between zjournal's parts, as the Zope world states them.
 
-A journal backend (file today; SQLite and PostgreSQL later) provides
+A journal backend (a directory of files, SQLite or PostgreSQL) provides
 :class:`IJournal`; the recovery code and the data manager talk to nothing
 else, which is what lets backends be swapped without touching the commit
 protocol.

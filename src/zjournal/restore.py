@@ -44,10 +44,11 @@ REPOZO_FILE = re.compile(r"(\d{4}(?:-\d{2}){5})\.(fs|fsz|deltafs|deltafsz)$")
 
 
 def add_subcommands(sub):
+    from zjournal.cli import journal_argument
     p = sub.add_parser(
         "restore", help="restore a ZODB as of a seq or a time: a backup,"
         " then the journal after it")
-    p.add_argument("journal", metavar="JOURNAL")
+    journal_argument(p)
     p.add_argument("--from", dest="source", required=True, metavar="BACKUP",
                    help="a repozo repository (directory), a FileStorage"
                         " file or a zodburi URI, holding a ZODB a"

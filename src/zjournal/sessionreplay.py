@@ -381,10 +381,11 @@ def _n(value):
 # -- the subcommand ----------------------------------------------------------
 
 def add_subcommands(sub):
+    from zjournal.cli import journal_argument
     p = sub.add_parser(
         "replay", help="rerun a journal's session against today's code in a"
         " scratch ZODB, and time each command name")
-    p.add_argument("journal", metavar="JOURNAL")
+    journal_argument(p)
     p.add_argument("--zodb", metavar="SCRATCH",
                    help="new or empty FileStorage path or zodburi URI to"
                         " replay into, kept afterwards (default: a"
