@@ -75,7 +75,10 @@ setup(
             "Zope",
             "zc.buildout", "zc.recipe.egg",
         ],
-        "docs": ["Sphinx"],
+        # The pages document (autodoc) and run the Pyramid integration
+        # and the buildout recipe.
+        "docs": ["Sphinx", "pyramid", "pyramid_tm", "pyramid_zodbconn",
+                 "pyramid_retry", "WebTest", "zc.buildout"],
         # benchmarks/run.py: the peers it measures zjournal against
         "bench": ["eventsourcing", "coopy"],
     },
