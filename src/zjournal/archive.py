@@ -15,10 +15,13 @@ gzip: ``zcat`` gives back the segment's exact bytes) in DIR, by default
 the journal's ``archive/`` subdirectory.  :class:`~zjournal.FileJournal`
 reads archived segments transparently, so rebuild, verify, dump and stats
 work as before; an archive elsewhere than ``archive/`` is recorded in the
-journal's ``pruned.json`` and found through it.  ``--remove`` deletes the
-picked segments (and their archived copies): the journal then starts at a
-later seq, ``pruned.json`` says so on purpose, and a ZODB can only be
-restored from that backup or a later one.
+journal's ``pruned.json`` and found through it.  A journal has one
+archive, since readers look in one place: DIR may differ from the
+recorded one only while neither holds an archived segment.
+``--remove`` deletes the picked segments (and their archived copies):
+the journal then starts at a later seq, ``pruned.json`` says so on
+purpose, and a ZODB can only be restored from that backup or a later
+one.
 
 Each segment is archived so that a crash at any moment leaves either the
 original or a complete archive, and never neither:
@@ -66,6 +69,8 @@ from zjournal.journal import ARCHIVE_SUFFIX
 from zjournal.journal import FILE_MODE
 from zjournal.journal import PRUNE_STATE
 from zjournal.journal import FileJournal
+from zjournal.journal import archive_dir_of
+from zjournal.journal import list_archived
 from zjournal.journal import read_prune_state
 
 logger = logging.getLogger(__name__)
@@ -174,8 +179,10 @@ def cmd_prune(args):
         raise CLIError("prune takes a file journal's directory; %s is not"
                        " one" % args.journal)
     archive = args.archive or None
-    with FileJournal(directory, readonly=True, hmac_key=False,
-                     archive=archive) as journal:
+    # Opened on its own archive (pruned.json's, or archive/), not on DIR:
+    # the plan must see the segments already archived to refuse a second
+    # archive place that would hide them.
+    with FileJournal(directory, readonly=True, hmac_key=False) as journal:
         seq, described = covered_seq(journal, args.covered_by,
                                      args.backup_date)
         p = plan(journal, seq, described,
@@ -266,14 +273,11 @@ def covered_seq(journal, spec, backup_date=None):
 def plan(journal, covered, covered_by, action, archive_dir=None):
     """Pick the segments a backup at seq ``covered`` makes prunable."""
     layout = journal.segment_layout()
-    current = journal.archive_dir
-    target = os.path.abspath(archive_dir) if archive_dir else current
-    if action == "archive" and target != current and any(
-            archived for _, _, archived in layout):
-        raise PruneError(
-            "journal %s already has archived segments in %s; archive into"
-            " the same place (one archive per journal)" % (journal.path,
-                                                          current))
+    recorded = os.path.abspath(archive_dir_of(journal.path,
+                                              read_prune_state(journal.path)))
+    target = os.path.abspath(archive_dir) if archive_dir else recorded
+    if action == "archive" and target != recorded:
+        _refuse_second_archive(journal, recorded, target)
     # Never the last segment (appended to), nor the one before an empty
     # last segment: opening the journal reads that one's end.
     limit = len(layout) - 1
@@ -293,6 +297,25 @@ def plan(journal, covered, covered_by, action, archive_dir=None):
         picked.append(Segment(first, end, path, archived))
     return Plan(journal, covered, covered_by, action, target, picked,
                 kept_from)
+
+
+def _refuse_second_archive(journal, recorded, target):
+    """One archive per journal: a reader looks in one place only.
+
+    Moving the archive elsewhere is allowed while nothing is archived
+    yet; afterwards, segments archived in the old place would drop out
+    of sight the moment ``pruned.json`` named the new one.
+    """
+    default = os.path.join(os.path.abspath(journal.path), ARCHIVE_DIR)
+    for place in dict.fromkeys((recorded, default, target)):
+        found = list_archived(place)
+        if found:
+            raise PruneError(
+                "journal %s keeps its archive in %s, but %s already holds"
+                " %d archived segments (the first: %s); archive into %s (one"
+                " archive per journal), or move the archived segments there"
+                " first" % (journal.path, recorded, place, len(found),
+                            os.path.basename(found[min(found)]), recorded))
 
 
 # -- doing it ---------------------------------------------------------------

@@ -61,6 +61,7 @@ from zjournal.errors import NotJournaledError
 from zjournal.errors import ZJournalError
 from zjournal.errors import ZODBAheadError
 from zjournal.format import FLAG_END
+from zjournal.format import segment_name
 from zjournal.journal import FileJournal
 # The file journal's own scanner, started at an offset: one reader of
 # the format, not two.
@@ -106,45 +107,106 @@ class FileSource:
     position of the next record -- segment and offset -- is kept instead.
     It is found once, at start, by reading the segment that holds the
     replica's last applied seq.
+
+    Archived segments (compressed, no longer in the journal directory)
+    cannot be read from an offset cheaply, and are never appended to: a
+    replica that needs them -- a new one, or one that fell behind a prune
+    -- reads them through :meth:`FileJournal.entries`, one stream kept
+    across reads, until it reaches the first segment still in place.
     """
+
+    # How many times a read lists the segments again when one it listed
+    # moved into the archive before it could be opened.
+    RELISTS = 5
 
     def __init__(self, journal, applied):
         self.journal = journal
         self.next_seq = applied + 1
         self.caught_up = False
+        self._stream = None   # (entries generator, its next seq)
         self.at = self._locate(applied)
 
     def _locate(self, applied):
-        """``(segment, offset)`` of the record after seq ``applied``."""
+        """``(segment, offset)`` of the record after seq ``applied``, or
+        None when it is in an archived segment."""
         journal = self.journal
-        segs = journal._list_segments()
         wanted = applied + 1
-        i = bisect.bisect_right(segs, wanted) - 1
-        if i < 0:
-            raise FollowerError(
-                "journal %s starts at seq %d, but the replica needs seq %d"
-                " next: the records between are not in the journal"
-                " (archived?). Seed the replica from a backup taken at seq"
-                " %d or later" % (journal.path, segs[0], wanted,
-                                  segs[0] - 1))
-        first = segs[i]
-        path = journal._segment_path(first)
+        for _ in range(self.RELISTS):
+            every = journal._all_segments()
+            segs = [seq for seq in every if seq not in journal._archived]
+            start = journal._start_seq(every)
+            if wanted < start:
+                raise FollowerError(
+                    "journal %s starts at seq %d (prune removed the seqs"
+                    " before it), but the replica needs seq %d next. Seed"
+                    " the replica from a backup taken at seq %d or later"
+                    " (zodb-journal restore)" % (journal.path, start,
+                                                 wanted, start - 1))
+            if wanted < every[0]:
+                raise FollowerError(
+                    "journal %s starts at seq %d, but the replica needs seq"
+                    " %d next, and nothing (no prune state) says why the"
+                    " seqs before are missing: is the archive directory"
+                    " missing? Rebuild needs them too" % (
+                        journal.path, every[0], wanted))
+            if wanted < segs[0]:
+                if applied >= start:
+                    self._check_applied_end(applied)
+                return None
+            i = bisect.bisect_right(segs, wanted) - 1
+            first = segs[i]
+            try:
+                return self._locate_in(first, applied, first == segs[-1])
+            except FileNotFoundError:
+                continue  # archived since the listing: list again
+        raise self._moving(first)
+
+    def _locate_in(self, first, applied, is_last):
+        journal = self.journal
+        wanted = applied + 1
+        path = os.path.join(journal.path, segment_name(first))
         with open(path, "rb") as f:
             header = journal._read_header(first, f)
             if first == wanted:
                 return first, header.size
             found = None
             for entry in _scan(f, path, header.size, first, applied,
-                                    wanted, first == segs[-1], None):
+                               wanted, is_last, None):
                 found = first, entry[6] + entry[7]
         if found is None:
-            raise ZODBAheadError(
-                "the replica has applied commands up to seq %d, but journal"
-                " %s holds no whole transaction with seq %d; nothing was"
-                " changed. Rebuild the replica from the journal, or restore"
-                " the journal's missing records" % (applied, journal.path,
-                                                    applied))
+            raise self._ahead(applied)
         return found
+
+    def _check_applied_end(self, applied):
+        """The replica's last seq must end a transaction the journal
+        holds, as in a segment still in place."""
+        entry = next(iter(self.journal.entries(applied, applied + 1)), None)
+        if entry is None or not entry[2] & FLAG_END:
+            raise self._ahead(applied)
+
+    def _ahead(self, applied):
+        return ZODBAheadError(
+            "the replica has applied commands up to seq %d, but journal"
+            " %s holds no whole transaction with seq %d; nothing was"
+            " changed. Rebuild the replica from the journal, or restore"
+            " the journal's missing records" % (applied, self.journal.path,
+                                                applied))
+
+    def _moving(self, first):
+        return FollowerError(
+            "journal %s: segment %s kept moving while the follower tried to"
+            " open it (is a prune running in a loop?); try again"
+            % (self.journal.path, segment_name(first)))
+
+    def position(self):
+        """What :meth:`rewind` needs to read the same entries again."""
+        return self.at, self.next_seq, self.caught_up
+
+    def rewind(self, position):
+        """Go back to a :meth:`position`: the entries read since were not
+        applied (the replica's commit failed), so they must be read
+        again."""
+        self.at, self.next_seq, self.caught_up = position
 
     def read(self, limit):
         """Entries of the whole transactions after the last read, at least
@@ -154,33 +216,55 @@ class FileSource:
         A read that fails leaves the position where it was: the entries it
         had read are not returned, so they must be read again.
         """
-        saved = self.at, self.next_seq
+        saved = self.position()
         try:
             return self._read(limit)
         except BaseException:
-            self.at, self.next_seq = saved
+            self.rewind(saved)
             raise
 
     def _read(self, limit):
         journal = self.journal
         out = []
         reread = False
+        moved = 0
         while True:
-            first, offset = self.at
             segs = journal._list_segments()
-            if first not in segs and self.next_seq in segs:
-                # Archived after it was read to its end.
-                with open(journal._segment_path(self.next_seq), "rb") as f:
-                    self.at = self.next_seq, journal._read_header(
-                        self.next_seq, f).size
+            if self.next_seq < segs[0]:
+                # In an archived segment: read the archive's stream up to
+                # the first segment in place.
+                if self._from_archive(out, limit, segs[0]):
+                    self.caught_up = False
+                    return out
+                self.at = None
+                if self.next_seq != segs[0]:
+                    # The stream ended early: more was archived meanwhile.
+                    continue
+            if self.at is None or self.at[0] not in segs:
+                if self.next_seq not in segs:
+                    raise FollowerError(
+                        "journal %s: the segment holding seq %d, which the"
+                        " follower reads next, is gone (removed while in"
+                        " use?)" % (journal.path, self.next_seq))
+                try:
+                    self.at = self.next_seq, self._header_size(self.next_seq)
+                except FileNotFoundError:
+                    moved += 1
+                    if moved >= self.RELISTS:
+                        raise self._moving(self.next_seq) from None
+                    continue
+            first, offset = self.at
+            path = os.path.join(journal.path, segment_name(first))
+            try:
+                f = open(path, "rb")
+            except FileNotFoundError:
+                # Archived between the listing and the open (a prune takes
+                # no writer lock): list again, it is in the archive now.
+                moved += 1
+                if moved >= self.RELISTS:
+                    raise self._moving(first) from None
                 continue
-            if first not in segs:
-                raise FollowerError(
-                    "journal %s: segment %s, which the follower is reading,"
-                    " is gone (archived or removed while in use)"
-                    % (journal.path, journal._segment_path(first)))
-            path = journal._segment_path(first)
-            with open(path, "rb") as f:
+            with f:
                 size = os.fstat(f.fileno()).st_size
                 if size < offset:
                     raise ZODBAheadError(
@@ -202,8 +286,10 @@ class FileSource:
                 self.caught_up = True
                 return out
             if after[0] == self.next_seq:
-                with open(journal._segment_path(after[0]), "rb") as f:
-                    self.at = after[0], journal._read_header(after[0], f).size
+                try:
+                    self.at = after[0], self._header_size(after[0])
+                except FileNotFoundError:
+                    self.at = None  # archived meanwhile: list again
                 reread = False
             elif not reread:
                 # The writer appended to this segment and rolled over
@@ -215,6 +301,51 @@ class FileSource:
                     "segment starts at seq %d, but the previous segment"
                     " ends at seq %d: records are missing"
                     % (after[0], self.next_seq - 1))
+
+    def _header_size(self, first):
+        """A segment's header size, read from the journal directory."""
+        path = os.path.join(self.journal.path, segment_name(first))
+        with open(path, "rb") as f:
+            return self.journal._read_header(first, f).size
+
+    def _from_archive(self, out, limit, stop):
+        """Move the entries of whole transactions before seq ``stop`` from
+        the archive's stream to ``out``; return whether ``limit`` was
+        reached.
+
+        The stream is kept between reads (a gzip file cannot seek back
+        cheaply), and started again only when the position is not where
+        it stands (after a rewind, or when the archive grew).
+        """
+        if self._stream is None or self._stream[1] != self.next_seq:
+            self._close_stream()
+            self._stream = [self.journal.entries(self.next_seq, stop),
+                            self.next_seq]
+        stream = self._stream
+        pending = []
+        for entry in stream[0]:
+            pending.append(entry)
+            if entry[2] & FLAG_END:
+                out.extend(pending)
+                pending = []
+                self.next_seq = stream[1] = entry[0] + 1
+                if len(out) >= limit:
+                    return True
+        # Archived segments hold whole transactions only; a stream that
+        # ends inside one ended at ``stop``: the rest is in place.
+        if pending:
+            raise CorruptJournalError(
+                self.journal._segment_path(pending[0][0]), pending[0][6],
+                pending[0][0], "the archived segments end inside a"
+                " transaction (seq %d..%d have no end)"
+                % (pending[0][0], pending[-1][0]))
+        self._close_stream()
+        return False
+
+    def _close_stream(self):
+        if self._stream is not None:
+            self._stream[0].close()
+            self._stream = None
 
     def _take(self, scan, first, out, limit):
         """Move entries from ``scan`` to ``out``; return ``(full, ended)``:
@@ -246,7 +377,7 @@ class FileSource:
         select.select([wake], [], [], timeout)
 
     def close(self):
-        pass
+        self._close_stream()
 
 
 class SQLSource:
@@ -260,7 +391,21 @@ class SQLSource:
         listen = getattr(journal, "listen", None) if listen else None
         self.listener = listen() if listen is not None else None
 
+    def position(self):
+        return self.next_seq, self.caught_up
+
+    def rewind(self, position):
+        self.next_seq, self.caught_up = position
+
     def read(self, limit):
+        saved = self.position()
+        try:
+            return self._read(limit)
+        except BaseException:
+            self.rewind(saved)
+            raise
+
+    def _read(self, limit):
         out = []
         entries = self.journal.entries(self.next_seq)
         try:
@@ -377,16 +522,25 @@ class Follower:
                             self.replica,
                             ", ".join(sorted(map(str, root))[:5]),
                             self.journal.path))
-                root[MARKER_KEY] = Marker(self.journal.identity, 0)
-                tm.commit()
+                # The source first: a journal this replica cannot follow
+                # (its start was pruned away) is refused before the
+                # replica is marked, and it stays an empty ZODB.
+                source = source_for(self.journal, 0, self.listen)
+                try:
+                    root[MARKER_KEY] = Marker(self.journal.identity, 0)
+                    tm.commit()
+                except BaseException:
+                    source.close()
+                    raise
                 logger.info("replica %s is empty: building it from seq 1 of"
                             " journal %s", self.replica, self.journal.path)
                 marker = root[MARKER_KEY]
             else:
                 _check_marker(marker, self.journal)
+                source = source_for(self.journal, marker.last_seq,
+                                    self.listen)
             self.applied_seq = marker.last_seq
-            self._source = source_for(self.journal, self.applied_seq,
-                                      self.listen)
+            self._source = source
         finally:
             tm.abort()
         self._began = time.monotonic()
@@ -469,11 +623,18 @@ class Follower:
         self.start()
         n = 0
         while not self._stopping:
+            before = self._source.position()
             batch = self._read()
             self._checked = time.time()
             if not batch:
                 break
-            n += self._apply(batch)
+            try:
+                n += self._apply(batch)
+            except BaseException:
+                # Not applied: the next poll must read this batch again,
+                # or it would go on after records the replica lacks.
+                self._source.rewind(before)
+                raise
             if self._source.caught_up:
                 break
             self._report()

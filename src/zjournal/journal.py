@@ -515,10 +515,16 @@ class FileJournal:
             seq = parse_segment_name(name)
             if seq is not None:
                 found.append(seq)
-            elif name.endswith(".tmp") and not self.readonly:
+            elif (name.endswith(".tmp") and not self.readonly
+                  and parse_segment_name(name[:-len(".tmp")]) is not None):
                 # A segment whose creation was interrupted: never renamed,
-                # so never part of the journal.
-                self._io.remove(os.path.join(self.path, name))
+                # so never part of the journal.  Only those: other .tmp
+                # files (prune's pruned.json.tmp) belong to a process that
+                # may be about to rename them.
+                try:
+                    self._io.remove(os.path.join(self.path, name))
+                except FileNotFoundError:
+                    pass
         self._pruned = read_prune_state(self.path)
         self._archive_dir = self._archive or archive_dir_of(self.path,
                                                             self._pruned)
@@ -751,9 +757,16 @@ class FileJournal:
         found = None
         if previous in self._archived:
             found = self._archived_end(previous)
-        elif os.path.getsize(path) > SEGMENT_HEADER_SIZE:
-            found = self._last_transaction_end(
-                path, self._read_header(previous), os.path.getsize(path))
+        else:
+            try:
+                size = os.path.getsize(path)
+                if size > SEGMENT_HEADER_SIZE:
+                    found = self._last_transaction_end(
+                        path, self._read_header(previous), size)
+            except FileNotFoundError:
+                # A prune running beside us archived it since the listing
+                # (it takes no writer lock): read its end in the archive.
+                found = self._archived_end(previous)
         last = None if found is None else found[0]
         if last != first_seq - 1:
             raise CorruptJournalError(

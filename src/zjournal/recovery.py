@@ -274,7 +274,7 @@ def catch_up(db, journal, until_seq=None, until_time=None, batch_size=1000,
                 " backup, one whose marker is at seq %d or earlier"
                 % (found, until_seq, until_seq))
         if until_time is not None and found > 0:
-            _check_not_after(journal, found, until_time)
+            _check_not_after(journal, found, until_time, db.storage)
         if found < last:
             check_replayable(journal.entries(found + 1, last + 1),
                              marker.head)
@@ -295,27 +295,62 @@ def catch_up(db, journal, until_seq=None, until_time=None, batch_size=1000,
     return result
 
 
-def _check_not_after(journal, seq, until_time):
-    """Refuse a backup whose last command ran after ``until_time``."""
+def _check_not_after(journal, seq, until_time, storage=None):
+    """Refuse a backup whose last command ran after ``until_time``.
+
+    The journal says when seq ``seq`` ran, unless prune removed it (a
+    backup taken exactly at a removed segment's end).  Then the backup's
+    storage bounds it: the command's effects were committed with it, so
+    it ran no later than the storage's last transaction.  A bound at or
+    before ``until_time`` proves the backup old enough; anything else
+    proves nothing, and a restore that cannot show it matches the
+    requested time must not pretend to.
+    """
     try:
         entry = next(iter(journal.entries(seq, seq + 1)), None)
     except JournalPrunedError:
         entry = None
-    if entry is None:
-        logger.warning("the journal no longer holds seq %d, the backup's"
-                       " last command: its time cannot be checked", seq)
+    if entry is not None:
+        if _after(entry.time, until_time):
+            raise BackupTooNewError(
+                "the backup holds the state at seq %d, whose command ran at"
+                " %s, after the requested time %s, and replay cannot go"
+                " back: restore from an older backup, taken before that"
+                " time" % (seq, _iso(entry.time), _iso(until_time)))
         return
-    if _after(entry.time, until_time):
-        when = datetime.datetime.fromtimestamp(entry.time,
-                                               datetime.timezone.utc)
-        raise BackupTooNewError(
-            "the backup holds the state at seq %d, whose command ran at %s,"
-            " after the requested time %s, and replay cannot go back:"
-            " restore from an older backup, taken before that time"
-            % (seq, when.isoformat(), until_time if isinstance(
-                until_time, datetime.datetime) else datetime.datetime
-                .fromtimestamp(until_time, datetime.timezone.utc)
-                .isoformat()))
+    bound = _last_commit_time(storage)
+    if bound is not None and not _after(bound, until_time):
+        logger.info("the journal no longer holds seq %d, the backup's last"
+                    " command; the backup's last commit, at %s, shows it ran"
+                    " before %s", seq, _iso(bound), _iso(until_time))
+        return
+    raise BackupTooNewError(
+        "the backup holds the state at seq %d, which prune removed from"
+        " journal %s, so when that command ran cannot be read there; the"
+        " backup's last commit%s is after the requested time %s, so the"
+        " backup may hold commands from after it, and replay cannot go"
+        " back: restore from an older backup, or ask for a seq (--until"
+        " %d or later) instead of a time" % (
+            seq, journal.path, "" if bound is None else " (%s)" % _iso(bound),
+            _iso(until_time), seq))
+
+
+def _last_commit_time(storage):
+    """When ``storage`` last committed (seconds since the epoch), or None."""
+    if storage is None:
+        return None
+    tid = storage.lastTransaction()
+    if not tid or tid == b"\0" * 8:
+        return None
+    from persistent.TimeStamp import TimeStamp
+    return TimeStamp(tid).timeTime()
+
+
+def _iso(when):
+    if isinstance(when, datetime.datetime):
+        return when.isoformat()
+    return datetime.datetime.fromtimestamp(
+        when, datetime.timezone.utc).isoformat()
 
 
 def _check_link(journal, marker):

@@ -16,7 +16,12 @@ ZODB, in two steps:
 
 A backup whose marker is already past ``--until`` cannot go back: the
 restore refuses and says which backup would do.  TARGET must not exist or
-be empty, and whatever the restore created is removed when it fails.
+be empty.  When the restore fails, the FileStorage files it created (a
+path or a ``file://`` URI) are removed, so it can simply be run again; a
+storage behind another URI (ZEO, RelStorage...) cannot be deleted by
+zjournal, so it is left as the failure left it, possibly holding part of
+the backup, and the error says to empty it (or pick another) before the
+next try, which would otherwise refuse it as not empty.
 
 Unlike ``rebuild``, a restore does not need the journal from seq 1, so it
 works on a journal whose old segments were removed by ``zodb-journal
@@ -102,6 +107,9 @@ def cmd_restore(args):
             if not ok:
                 for path in created:
                     _remove(path)
+                if "://" in args.zodb and not args.zodb.startswith(
+                        "file://"):
+                    _warn_partial(args.zodb)
     seconds = time.perf_counter() - began
     print("restored %s from %s (%s): the backup was at seq %d"
           % (args.zodb, args.source, copied, result.marker_seq))
@@ -236,6 +244,25 @@ def _refuse_occupied(target):
                        % target)
     return [target + s for s in cli.FILESTORAGE_SUFFIXES + (".part",)
             if not os.path.exists(target + s)]
+
+
+def _warn_partial(target):
+    """Say what a failed restore left in a storage zjournal cannot delete."""
+    try:
+        storage = _open_storage(target)
+        try:
+            empty = storage.lastTransaction() == b"\0" * 8
+        finally:
+            storage.close()
+    except Exception:
+        empty = False  # unknown: say what may be there
+    if empty:
+        return
+    logger.error("the restore failed after writing into %s, which may hold"
+                 " part of the backup; empty that storage (or restore into"
+                 " another, empty one) before trying again", target)
+    print("zodb-journal restore: %s now holds a partial restore: empty it"
+          " before trying again" % target, file=sys.stderr)
 
 
 def _repozo_date(text):

@@ -504,3 +504,172 @@ class TestCrash:
         assert entries(site.journal_dir) == site.entries[second - 1:]
         with FileJournal(site.journal_dir, readonly=True) as journal:
             assert journal.verify().first_seq == second
+
+
+class TestOneArchivePlace:
+    """A journal's archived segments are in one place: a prune that would
+    start a second one (and hide the first) is refused."""
+
+    def newer_backup(self, site):
+        site.run(15)
+        newer = os.path.join(site.root, "newer.fs")
+        shutil.copyfile(site.data_fs, newer)
+        return newer
+
+    def test_no_new_directory_after_archiving_into_the_default(
+            self, site, capsys, tmp_path):
+        assert prune(capsys, site, "--archive", "--yes")[0] == 0
+        newer = self.newer_backup(site)
+        cold = str(tmp_path / "cold")
+        status, out, err = run(capsys, "prune", site.journal_dir,
+                               "--covered-by", newer, "--archive", cold,
+                               "--yes")
+        assert status == 1
+        assert "one archive per journal" in err
+        assert os.path.join(site.journal_dir, "archive") in err
+        assert not os.path.exists(cold)
+        assert not os.path.exists(os.path.join(site.journal_dir,
+                                               PRUNE_STATE))
+        # Nothing moved: every record is still where readers look.
+        status, out, err = run(capsys, "verify", site.journal_dir)
+        assert status == 0, out + err
+        # Pruning on into the journal's own archive still works.
+        status, out, err = run(capsys, "prune", site.journal_dir,
+                               "--covered-by", newer, "--archive", "--yes")
+        assert status == 0, err
+        assert "archived" in out
+        assert entries(site.journal_dir)[:len(site.entries)] == site.entries
+
+    def test_no_default_directory_after_archiving_elsewhere(
+            self, site, capsys, tmp_path):
+        cold = str(tmp_path / "cold")
+        assert prune(capsys, site, "--archive", cold, "--yes")[0] == 0
+        newer = self.newer_backup(site)
+        default = os.path.join(site.journal_dir, "archive")
+        status, out, err = run(capsys, "prune", site.journal_dir,
+                               "--covered-by", newer, "--archive", default,
+                               "--yes")
+        assert status == 1
+        assert "one archive per journal" in err
+        assert cold in err
+        # --archive without a directory means the journal's own archive,
+        # the recorded one.
+        before = set(os.listdir(cold))
+        status, out, err = run(capsys, "prune", site.journal_dir,
+                               "--covered-by", newer, "--archive", "--yes")
+        assert status == 0, err
+        assert set(os.listdir(cold)) > before
+        assert not os.path.exists(default)
+        assert entries(site.journal_dir)[:len(site.entries)] == site.entries
+        with FileJournal(site.journal_dir, readonly=True) as journal:
+            assert journal.verify().last_seq == site.last_seq + 30
+
+
+class TestRacesWithAWriter:
+    """prune takes no writer lock: a writer opening, rolling over or
+    reading while segments move must not notice."""
+
+    def test_a_writer_opening_keeps_prune_state_tmp(self, site, capsys,
+                                                    monkeypatch):
+        # The application (re)starts at the moment prune renames its
+        # pruned.json.tmp into place.
+        from zjournal import archive
+        real_rename = os.rename
+        opened = []
+
+        class OS:
+            def __getattr__(self, name):
+                return getattr(os, name)
+
+            def rename(self, src, dst):
+                if src.endswith(PRUNE_STATE + ".tmp"):
+                    site.open().close()
+                    opened.append(src)
+                return real_rename(src, dst)
+
+        monkeypatch.setattr(archive, "os", OS())
+        status, out, err = prune(capsys, site, "--remove", "--yes")
+        assert status == 0, err
+        assert opened
+        with open(os.path.join(site.journal_dir, PRUNE_STATE)) as f:
+            assert json.load(f)["removed_before"] == \
+                site.ranges[len(site.covered)][1]
+
+    def test_a_writer_removes_only_its_own_tmp_files(self, site):
+        stray_segment = os.path.join(site.journal_dir,
+                                     "%020d.zjl.tmp" % (site.last_seq + 1))
+        others = [os.path.join(site.journal_dir, n)
+                  for n in (PRUNE_STATE + ".tmp", "notes.tmp")]
+        for path in [stray_segment] + others:
+            with open(path, "wb") as f:
+                f.write(b"x")
+        site.open().close()
+        assert not os.path.exists(stray_segment)
+        assert all(os.path.exists(p) for p in others)
+
+    def test_writer_opening_on_a_torn_tail_while_the_segment_before_moves(
+            self, site, capsys, monkeypatch):
+        # The last segment holds only a torn record: the writer reads the
+        # end of the segment before it, which prune archives right after
+        # the writer listed the segments.
+        with FileJournal(site.journal_dir, readonly=True) as journal:
+            identity, last = journal.identity_bytes, journal.last_seq
+        torn = os.path.join(site.journal_dir, "%020d.zjl" % (last + 1))
+        with open(torn, "wb") as f:
+            f.write(encode_header(identity, last + 1, 1.0) + b"\x17" * 9)
+        covering = os.path.join(site.root, "covering.fs")
+        shutil.copyfile(site.data_fs, covering)   # at `last`
+        real = FileJournal._all_segments
+        pruned = []
+
+        def listing_then_prune(journal):
+            segs = real(journal)
+            if not journal.readonly and not pruned:
+                pruned.append(run(capsys, "prune", site.journal_dir,
+                                  "--covered-by", covering, "--archive",
+                                  "--yes"))
+            return segs
+
+        monkeypatch.setattr(FileJournal, "_all_segments", listing_then_prune)
+        jdb = site.open()
+        try:
+            assert pruned[0][0] == 0, pruned[0][2]
+            previous = site.ranges[-1][0]
+            assert previous + ".gz" in os.listdir(
+                os.path.join(site.journal_dir, "archive"))
+            assert jdb.journal.last_seq == last
+            assert jdb.journal.torn_tail is not None
+            last = site.run(3, jdb)
+        finally:
+            jdb.close()
+        monkeypatch.undo()
+        with FileJournal(site.journal_dir, readonly=True) as journal:
+            assert journal.verify().last_seq == last
+
+    def test_a_writer_rolling_over_during_the_prune(self, site, capsys,
+                                                    monkeypatch):
+        from zjournal import archive
+        jdb = site.open()
+        real = archive.archive_segment
+        rolled = []
+
+        def archive_then_write(source, target, journal_dir):
+            real(source, target, journal_dir)
+            if not rolled:
+                before = len(live_segments(site.journal_dir))
+                site.run(15, jdb)   # more than a segment's worth
+                rolled.append(len(live_segments(site.journal_dir)) - before)
+
+        monkeypatch.setattr(archive, "archive_segment", archive_then_write)
+        try:
+            status, out, err = prune(capsys, site, "--archive", "--yes")
+            assert status == 0, err
+            assert rolled[0] >= 1
+            last = site.run(2, jdb)
+        finally:
+            jdb.close()
+        assert sorted(os.listdir(os.path.join(site.journal_dir, "archive"))) \
+            == [n + ".gz" for n in site.covered]
+        assert entries(site.journal_dir)[:len(site.entries)] == site.entries
+        with FileJournal(site.journal_dir, readonly=True) as journal:
+            assert journal.verify().last_seq == last

@@ -875,3 +875,134 @@ def test_postgres_notifications_beat_polling(tmp_path, pg_table):
     # it waits for its next look.
     assert statistics.median(results["postgresql notified"]) < 0.5
     assert statistics.median(results["postgresql polled"]) > 0.02
+
+
+# -- failures, archives and prunes --------------------------------------------
+
+def test_a_batch_whose_commit_failed_is_read_again(site, primary,
+                                                   monkeypatch):
+    """A replica commit that fails (here a command's execute raising an
+    OSError once, as a storage briefly unavailable would) applies
+    nothing; the next poll reads the same batch again and goes on."""
+    work(primary, 30)
+    calls = []
+    real = demo.Deposit.execute
+
+    def flaky(self, root, context):
+        calls.append(1)
+        if len(calls) == 9:
+            raise OSError("the replica's storage is briefly unavailable")
+        return real(self, root, context)
+
+    monkeypatch.setattr(demo.Deposit, "execute", flaky)
+    replica = ZODB.DB(None)
+    with site.journal(readonly=True) as journal:
+        f = Follower(journal, replica, batch_size=4)
+        with pytest.raises(Exception, match="briefly unavailable"):
+            f.poll()
+        stuck = f.applied_seq
+        assert 0 < stuck < primary.journal.last_seq
+        assert fingerprint(replica)[1] == stuck
+        assert f.poll() == primary.journal.last_seq - stuck
+        f.close()
+    assert fingerprint(replica) == primary_view(primary)
+
+
+def archive_all_but_last(journal_dir, keep=1):
+    """Archive a journal's segments as ``prune --archive`` does, all but
+    the last ``keep``; return the first seq of the first one kept."""
+    from zjournal import archive
+    names = sorted(n for n in os.listdir(journal_dir) if n.endswith(".zjl"))
+    target = os.path.join(journal_dir, "archive")
+    os.makedirs(target, exist_ok=True)
+    for name in names[:-keep]:
+        archive.archive_segment(os.path.join(journal_dir, name),
+                                os.path.join(target, name + ".gz"),
+                                journal_dir)
+    return int(names[-keep][:20])
+
+
+def test_an_empty_replica_reads_archived_segments(site, primary):
+    work(primary, 60)
+    kept = archive_all_but_last(site.journal_dir, keep=2)
+    assert kept > 1
+    work(primary, 5, start=60)
+    replica = ZODB.DB(None)
+    with site.journal(readonly=True) as journal:
+        f = Follower(journal, replica, batch_size=7)
+        assert f.poll() == primary.journal.last_seq
+        f.close()
+    assert fingerprint(replica) == primary_view(primary)
+
+
+def test_a_follower_left_behind_by_archiving_reads_on(site, primary):
+    replica = ZODB.DB(None)
+    with site.journal(readonly=True) as journal:
+        f = Follower(journal, replica, batch_size=5)
+        work(primary, 6)
+        f.poll()
+        behind = f.applied_seq
+        work(primary, 60, start=6)
+        # Everything up to the last two segments moves, including the
+        # one the follower is in the middle of.
+        assert archive_all_but_last(site.journal_dir, keep=2) > behind
+        assert f.poll() == primary.journal.last_seq - behind
+        work(primary, 4, start=66)
+        f.poll()
+        f.close()
+    assert fingerprint(replica) == primary_view(primary)
+
+
+def test_removed_segments_are_refused_before_marking_the_replica(
+        site, primary, tmp_path, capsys):
+    from zjournal import cli
+    work(primary, 60)
+    backup = str(tmp_path / "backup.fs")
+    shutil.copyfile(site.data_fs, backup)
+    work(primary, 3, start=60)
+    assert cli.main(["prune", site.journal_dir, "--covered-by", backup,
+                     "--remove", "--yes"]) == 0
+    with site.journal(readonly=True) as journal:
+        start = journal.start_seq
+    assert start > 1
+    replica = ZODB.DB(None)
+    with site.journal(readonly=True) as journal:
+        f = Follower(journal, replica)
+        with pytest.raises(follower_module.FollowerError) as e:
+            f.start()
+        f.close()
+    assert "starts at seq %d" % start in str(e.value)
+    assert "backup taken at seq %d or later" % (start - 1) in str(e.value)
+    conn = replica.open()
+    try:
+        assert MARKER_KEY not in conn.root()   # still an empty ZODB
+    finally:
+        conn.close()
+
+
+def test_a_segment_archived_between_listing_and_opening(site, primary):
+    """The follower listed the segments, then a prune (which takes no
+    lock) archived the one it was about to open: it lists again."""
+    replica = ZODB.DB(None)
+    with site.journal(readonly=True) as journal:
+        f = Follower(journal, replica)
+        work(primary, 6)
+        f.poll()
+        work(primary, 60, start=6)
+        reading = os.path.basename(journal._segment_path(f._source.at[0]))
+        real = journal._list_segments
+        moved = []
+
+        def listing_then_archive():
+            segs = real()
+            if not moved:
+                moved.append(archive_all_but_last(site.journal_dir))
+            return segs
+
+        journal._list_segments = listing_then_archive
+        f.poll()
+        assert moved
+        assert os.path.exists(os.path.join(site.journal_dir, "archive",
+                                           reading + ".gz"))
+        f.close()
+    assert fingerprint(replica) == primary_view(primary)

@@ -353,3 +353,159 @@ class TestRefusals:
         assert status == 1
         assert "acknowledged commands are missing" in err
         assert leftovers(target) == []
+
+
+class TestMoreRefusals:
+
+    def test_until_seq_before_the_backup(self, shop, tmp_path, capsys):
+        target = str(tmp_path / "restored.fs")
+        status, out, err = run(capsys, "restore", shop.journal_dir,
+                               "--from", shop.repozo, "--zodb", target,
+                               "--import", EXAMPLES, "--until",
+                               shop.backup_seq - 1)
+        assert status == 1
+        assert "after the requested seq %d" % (shop.backup_seq - 1) in err
+        assert leftovers(target) == []
+
+    def test_backup_of_another_history(self, shop, tmp_path, capsys):
+        # A copy of the application (ZODB and journal: same identity)
+        # that went on with other commands: its backup is of a history
+        # the original journal is not.
+        fork = Shop(tmp_path / "fork")
+        shutil.copytree(shop.root, fork.root,
+                        ignore=shutil.ignore_patterns("repozo", "*.lock"))
+        os.remove(os.path.join(fork.root, "Data.fs.index"))
+        forked_seq = fork.run(3, start=100)
+        assert forked_seq == shop.last_seq + 6
+        shop.run(5, start=40)   # the original goes on differently
+        target = str(tmp_path / "restored.fs")
+        status, out, err = run(capsys, "restore", shop.journal_dir,
+                               "--from", fork.data_fs, "--zodb", target,
+                               "--import", EXAMPLES)
+        assert status == 1
+        assert "chain hash" in err or "another history" in err, err
+        assert leftovers(target) == []
+
+
+def sliced_shop(root, n=30, pause=0.003):
+    """A shop whose ZODB is copied after every command: ``copies[seq]`` is
+    a backup at exactly seq (to find one at a segment's end)."""
+    shop = Shop(root)
+    os.makedirs(shop.root, exist_ok=True)
+    copies = {}
+    jdb = JournaledDB(
+        ZODB.DB(ZODB.FileStorage.FileStorage(shop.data_fs)),
+        FileJournal(shop.journal_dir, fsync="never", segment_size=600))
+    try:
+        for i in range(n):
+            jdb.execute(Put("k%d" % (i % 5), i) if i % 2 else
+                        Increment("n"))
+            seq = jdb.journal.last_seq
+            copies[seq] = os.path.join(shop.root, "at-%d.fs" % seq)
+            shutil.copyfile(shop.data_fs, copies[seq])
+            time.sleep(pause)
+    finally:
+        jdb.close()
+    with shop.journal() as journal:
+        firsts = [int(os.path.basename(p)[:20]) for p in journal.segments()]
+        assert len(firsts) >= 4 and firsts[2] + 3 < n
+        shop.times = {e.seq: e.time for e in journal.entries()}
+        shop.states = {seq: replayed_state(journal, seq)
+                       for seq in (firsts[2] - 1, firsts[2] + 1)}
+    return shop, copies, firsts
+
+
+def iso(seconds):
+    return datetime.datetime.fromtimestamp(
+        seconds, datetime.timezone.utc).isoformat()
+
+
+class TestPrunedJournal:
+    """Restore from a journal whose first segments ``prune --remove``
+    deleted: only a backup at the prune's point or later can be used."""
+
+    @pytest.fixture
+    def pruned(self, tmp_path, capsys):
+        shop, copies, firsts = sliced_shop(tmp_path / "shop")
+        # The backup ends exactly where the third segment begins: its own
+        # last command goes away with the pruned segments.
+        end = firsts[2] - 1
+        status, out, err = run(capsys, "prune", shop.journal_dir,
+                               "--covered-by", copies[end], "--remove",
+                               "--yes")
+        assert status == 0, err
+        with shop.journal() as journal:
+            assert journal.start_seq == end + 1
+        return shop, copies, end
+
+    def test_restores_from_the_covering_backup(self, pruned, tmp_path,
+                                               capsys):
+        shop, copies, end = pruned
+        target = str(tmp_path / "restored.fs")
+        status, out, err = run(capsys, "restore", shop.journal_dir,
+                               "--from", copies[end], "--zodb", target,
+                               "--import", EXAMPLES, "--until", end + 2)
+        assert status == 0, err
+        assert read_zodb(target)[:2] == (shop.states[end + 2], end + 2)
+
+    def test_refuses_an_older_backup(self, pruned, tmp_path, capsys):
+        shop, copies, end = pruned
+        target = str(tmp_path / "restored.fs")
+        status, out, err = run(capsys, "restore", shop.journal_dir,
+                               "--from", copies[end - 3], "--zodb", target,
+                               "--import", EXAMPLES)
+        assert status == 1
+        assert "starts at seq %d" % (end + 1) in err
+        assert "removed by zodb-journal prune" in err
+        assert leftovers(target) == []
+
+    def test_until_time_before_the_removed_last_command(
+            self, pruned, tmp_path, capsys):
+        # The backup's last command (seq `end`) ran after the requested
+        # time, and the journal no longer says when: the backup must be
+        # refused, not taken as the state at that time.
+        shop, copies, end = pruned
+        target = str(tmp_path / "restored.fs")
+        until = (shop.times[end - 1] + shop.times[end]) / 2
+        status, out, err = run(capsys, "restore", shop.journal_dir,
+                               "--from", copies[end], "--zodb", target,
+                               "--import", EXAMPLES, "--until", iso(until))
+        assert status == 1
+        assert "backup's last commit" in err
+        assert "older backup" in err
+        assert leftovers(target) == []
+
+    def test_until_time_after_the_backup_is_proven_by_its_commit(
+            self, pruned, tmp_path, capsys):
+        # The backup's last commit ran before the requested time, so its
+        # removed last command did too: the restore goes on from there.
+        shop, copies, end = pruned
+        target = str(tmp_path / "restored.fs")
+        until = (shop.times[end + 2] + shop.times[end + 3]) / 2
+        status, out, err = run(capsys, "restore", shop.journal_dir,
+                               "--from", copies[end], "--zodb", target,
+                               "--import", EXAMPLES, "--until", iso(until))
+        assert status == 0, err
+        assert read_zodb(target)[:2] == (shop.states[end + 2], end + 2)
+
+
+def test_a_failed_restore_into_a_storage_uri_says_what_it_left(
+        shop, tmp_path, capsys):
+    # A zconfig:// URI stands for any storage zjournal cannot delete:
+    # the copy is left there, and the message says to empty it first.
+    data_fs = str(tmp_path / "behind-uri.fs")
+    config = tmp_path / "storage.conf"
+    config.write_text("<filestorage>\n  path %s\n</filestorage>\n" % data_fs)
+    uri = "zconfig://%s" % config
+    status, out, err = run(capsys, "restore", shop.journal_dir, "--from",
+                           shop.repozo, "--zodb", uri, "--import", EXAMPLES,
+                           "--until", shop.backup_seq - 1)
+    assert status == 1
+    assert "after the requested seq" in err
+    assert "%s now holds a partial restore: empty it" % uri in err
+    assert read_zodb(data_fs)[1] == shop.backup_seq
+    # Which is why a second try is refused.
+    status, out, err = run(capsys, "restore", shop.journal_dir, "--from",
+                           shop.repozo, "--zodb", uri, "--import", EXAMPLES)
+    assert status == 1
+    assert "is not empty" in err
