@@ -50,9 +50,10 @@ class JournaledConnection(ZODB.Connection.Connection):
     ZODB calls ``_register`` for each object that becomes dirty (and for
     each object added).  Reporting it lets the journal refuse a
     transaction whose changes did not come from a command.  ZODB reports
-    an object only on its first change in a transaction, so an object a
-    command already changed can be changed again outside it unnoticed:
-    the guard catches the common mistake, it is not a proof.
+    an object only on its first change in a transaction (or since the
+    last savepoint): :func:`execute` takes a savepoint after each
+    command, so that an object a command changed is reported again when
+    the application changes it afterwards.
     """
 
     journaled_db = None  # set on the per-database subclass
@@ -356,19 +357,26 @@ class JournaledDB:
         return self._needs_catch_up
 
     def catch_up(self):
-        """Replay journal entries the ZODB lacks (normally none)."""
+        """Replay journal entries the ZODB lacks (normally none).
+
+        The flag stays set until the replay succeeded: a thread that
+        checks it meanwhile (a retried request passing the Pyramid
+        tween) then waits here for the lock instead of starting from the
+        stale snapshot the replay is about to replace.
+        """
         with self._lock:
-            self._needs_catch_up = False
             try:
-                return recovery.recover(self.db, self.journal,
-                                        batch_size=self.batch_size,
-                                        progress=self.progress)
+                found = recovery.recover(self.db, self.journal,
+                                         batch_size=self.batch_size,
+                                         progress=self.progress)
             except BaseException:
                 # Still behind (a conflict with another process catching
                 # up, an interrupted replay): the next attempt must
                 # catch up again.
                 self._needs_catch_up = True
                 raise
+            self._needs_catch_up = False
+            return found
 
     def close(self):
         """Close the ZODB and the journal (releasing its lock).  Idempotent."""
@@ -407,7 +415,13 @@ class JournaledDB:
         dm.join()
         return dm
 
-    def _run(self, conn, command, metadata=None, is_query=False):
+    def _run(self, conn, command, metadata=None, is_query=False,
+             shared=False):
+        """Run one command (or query) in ``conn``'s transaction.
+
+        ``shared``: the transaction is the application's, which may go on
+        changing objects after the command; see :meth:`_watch_again`.
+        """
         running = getattr(_state, "command", None)
         if running is not None:
             raise NestedCommandError(
@@ -456,7 +470,29 @@ class JournaledDB:
         dm.pending.append((seq, now, version, name, payload, 0, metadata))
         if self.digest_interval and seq % self.digest_interval == 0:
             self._record_digest(conn, dm, marker, seq)
+        if shared:
+            self._watch_again(conn)
         return result
+
+    def _watch_again(self, conn):
+        """Make the connection report the command's objects again.
+
+        ZODB tells the connection about an object only on its first
+        change in a transaction (or since the last savepoint).  Without
+        this, a change the application makes after the command to an
+        object the command changed would go unreported, be committed and
+        be lost by a rebuild.  An optimistic savepoint empties the
+        connection's list of changed objects (moving their state to its
+        temporary store), so the next change to any of them is reported
+        and checked like a first one.  Its cost is one extra pickling of
+        the objects the command changed.
+        """
+        if not getattr(conn, "_registered_objects", None):
+            return
+        try:
+            conn.transaction_manager.get().savepoint(optimistic=True)
+        except transaction.interfaces.TransactionFailedError:
+            pass  # it can only be aborted: nothing more will be committed
 
     def _record_digest(self, conn, dm, marker, seq):
         """Journal the digest of the state after ``seq``, as seq + 1.
@@ -586,12 +622,17 @@ def execute(conn, command, metadata=None):
     savepoint from before it is rolled back).  If the command raises, the
     transaction is doomed: it can be aborted, never committed.
 
+    After the command, the transaction takes an optimistic savepoint, so
+    that a change the caller then makes outside a command, even to an
+    object the command changed, is refused at commit
+    (:class:`~zjournal.errors.UnjournaledChangeError`).
+
     ``metadata`` (a dict of JSON values: who, why, a request id) is
     journaled with the command, beside the transaction's ``user`` and
     ``description``, which are recorded for every command; its keys win
     over those two.
     """
-    return _journaled_db(conn)._run(conn, command, metadata)
+    return _journaled_db(conn)._run(conn, command, metadata, shared=True)
 
 
 def query(conn, query, metadata=None):

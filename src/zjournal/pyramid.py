@@ -16,7 +16,11 @@ What the include does, in order:
   commit is pyramid_tm's, and the journal is one resource of it;
 * adds a tween above pyramid_tm that catches the ZODB up with the journal
   before a retried request begins, when the previous attempt found the
-  journal ahead, so that the retry starts from a current snapshot;
+  journal ahead, so that the retry starts from a current snapshot; and
+  that, when a commit fails after the journal committed the request's
+  commands, sends the view's response instead of letting pyramid_retry
+  apply them a second time (a second tween, under pyramid_tm, keeps
+  that response);
 * backs off a little (jittered) before each retry of a transient error;
 * closes the JournaledDB (the ZODB, and the journal's lock) when the
   process exits normally.
@@ -180,6 +184,8 @@ def includeme(config):
     config.add_request_method(query, "query")
     config.add_tween("zjournal.pyramid.catch_up_tween_factory",
                      over="pyramid_tm.tm_tween_factory")
+    config.add_tween("zjournal.pyramid.view_response_tween_factory",
+                     under="pyramid_tm.tm_tween_factory")
     config.add_subscriber(_back_off, IBeforeRetry)
 
 
@@ -265,7 +271,11 @@ def execute(request, command, metadata=None):
     userid and the path, as pyramid_tm annotates them -- are journaled
     with it, beside ``metadata``.
     """
-    return _execute(_connection(request), command, metadata)
+    conn = _connection(request)
+    try:
+        return _execute(conn, command, metadata)
+    finally:
+        _remember(request, conn)
 
 
 def query(request, query, metadata=None):
@@ -273,33 +283,89 @@ def query(request, query, metadata=None):
 
     Installed as ``request.query``; see :func:`zjournal.query`.
     """
-    return _query(_connection(request), query, metadata)
+    conn = _connection(request)
+    try:
+        return _query(conn, query, metadata)
+    finally:
+        _remember(request, conn)
 
 
 def _connection(request):
-    if not is_tm_active(request):
-        try:
-            request.tm.get()
-        except transaction.interfaces.NoTransaction:
-            raise NoRequestTransactionError(
-                "request.execute(): pyramid_tm is not managing %s and"
-                " request.tm has no transaction; run it inside"
-                " 'with request.tm:' (a script), or let pyramid_tm manage"
-                " the request" % request.path) from None
+    if not is_tm_active(request) and not _begun(request.tm):
+        raise NoRequestTransactionError(
+            "request.execute(): pyramid_tm is not managing %s and"
+            " request.tm has no transaction begun; run it inside"
+            " 'with request.tm:' (a script), or let pyramid_tm manage"
+            " the request" % request.path)
     return get_connection(request)
+
+
+def _remember(request, conn):
+    """Keep the transaction's journal data manager on the request.
+
+    The tween asks it, after a failed commit, whether the journal had
+    already committed the request's commands (its ``committed`` outlives
+    the transaction).
+    """
+    jdb = getattr(conn, "journaled_db", None)
+    try:
+        dm = conn.transaction_manager.get().data(jdb)
+    except (KeyError, transaction.interfaces.NoTransaction):
+        return
+    managers = request.__dict__.setdefault("_zjournal_dms", [])
+    if dm not in managers:
+        managers.append(dm)
+
+
+def _committed(request):
+    """``(first, last)`` seq the request's commit journaled, or None."""
+    for dm in request.__dict__.get("_zjournal_dms", ()):
+        if dm.committed is not None:
+            return dm.committed
+    return None
+
+
+def _begun(tm):
+    """Whether somebody began a transaction on ``tm``.
+
+    An explicit manager says so by raising NoTransaction from get(); an
+    implicit one (the thread-local default) creates a transaction on
+    get() that nobody would commit, so its current one is looked at.
+    """
+    if getattr(tm, "explicit", False):
+        try:
+            tm.get()
+        except transaction.interfaces.NoTransaction:
+            return False
+        return True
+    # ThreadTransactionManager delegates to a per-thread manager.
+    manager = getattr(tm, "manager", tm)
+    return getattr(manager, "_txn", True) is not None
 
 
 # -- retries -----------------------------------------------------------------
 
 def catch_up_tween_factory(handler, registry):
-    """Catch the ZODB up before a request when the journal is ahead.
+    """Catch the ZODB up before a request; stand by a journaled commit.
 
-    The journal data manager notes "journal ahead" when its vote finds
-    records the ZODB lacks (another process journaled them and did not
-    finish its ZODB commit).  Catching up inside the retried request
-    would replay them after the request's connection took its snapshot,
-    costing one more (conflicting) attempt; here, above pyramid_tm, no
-    connection is open yet.
+    Installed above pyramid_tm, inside pyramid_retry.
+
+    Before the request: the journal data manager notes "journal ahead"
+    when its vote finds records the ZODB lacks (another process
+    journaled them and did not finish its ZODB commit), or when the
+    ZODB failed to finish after the journal's vote.  Catching up inside
+    the retried request would replay them after the request's
+    connection took its snapshot, costing one more (conflicting)
+    attempt; here no connection is open yet.
+
+    After the request: once the journal's vote made the request's
+    records durable, its commands are committed -- the journal is the
+    decision, and the ZODB catches up from it.  A failure after that
+    point (the ZODB's ``tpc_finish``: ZEO's ClientDisconnected is a
+    TransientError) must neither be retried, which would apply the
+    commands a second time, nor reported as a failure.  The response
+    the view returned is sent instead, as :meth:`JournaledDB.execute`
+    returns the result in the same case.
     """
     jdb = get_journaled_db(registry)
 
@@ -309,9 +375,51 @@ def catch_up_tween_factory(handler, registry):
             # TransientError: pyramid_retry runs the request again, and
             # the flag, still set, makes it catch up first.
             jdb.catch_up()
-        return handler(request)
+        try:
+            response = handler(request)
+        except Exception as e:
+            kept = _response_after_journal(request, e)
+            if kept is None:
+                raise
+            return kept
+        if getattr(request, "exception", None) is not None:
+            # pyramid_tm renders a failed commit with an exception view
+            # when the application has one for it.
+            kept = _response_after_journal(request, request.exception)
+            if kept is not None and kept is not response:
+                return kept
+        return response
 
     return zjournal_catch_up_tween
+
+
+def view_response_tween_factory(handler, registry):
+    """Keep the view's response, under pyramid_tm, for the tween above.
+
+    It is what the client gets when the commit fails after the journal
+    committed the request's commands.
+    """
+    def zjournal_view_response_tween(request):
+        response = handler(request)
+        request._zjournal_response = response
+        return response
+
+    return zjournal_view_response_tween
+
+
+def _response_after_journal(request, error):
+    """The view's response if ``error`` came after the journal's commit."""
+    committed = _committed(request)
+    response = request.__dict__.get("_zjournal_response")
+    if committed is None or response is None:
+        return None
+    logger.error(
+        "%s: seq %d..%d are committed in the journal, but the commit then"
+        " failed (%s: %s); the request is not retried and its response is"
+        " sent, the ZODB catches up from the journal before the next"
+        " request", request.path, committed[0], committed[1],
+        type(error).__name__, error)
+    return response
 
 
 def _back_off(event):

@@ -28,7 +28,11 @@ installs
 file (or the file alone, when ``config`` puts it elsewhere), and the
 script: buildout removes them when the part goes away or changes.  It
 never returns the journal or the ZODB directory, because buildout would
-delete them too -- and the journal is the only copy of the history.
+delete them too -- and the journal is the only copy of the history; for
+the same reason it refuses a journal or a FileStorage inside the part's
+directory or the bin directory.  A ``config`` file the recipe did not
+write (the application's ``.ini``) gets only its ``[zjournal]`` section
+rewritten, and is never returned.
 
 Nothing in this module imports zc.buildout at import time: the generated
 script imports :func:`main` from here, and a deployment's script path
@@ -38,6 +42,7 @@ import configparser
 import logging
 import os
 import re
+import shutil
 import stat
 import sys
 
@@ -66,6 +71,7 @@ ZODB_SUBCOMMANDS = ("verify", "rebuild", "restore", "check-replay")
 _MODULE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 _ENV_VAR = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_SECTION_LINE = re.compile(r"^\[([^\]]+)\]")
 
 HEADER = """\
 # The zjournal deployment of buildout part [%s] (recipe zjournal).
@@ -140,8 +146,39 @@ class Deployment:
     def format(self, part=None):
         """The configuration file's text; ``part`` names the buildout part
         that writes it."""
-        lines = [HEADER % part if part else PLAIN_HEADER, "[%s]" % SECTION,
-                 "journal = %s" % self.journal]
+        return "\n".join([HEADER % part if part else PLAIN_HEADER,
+                          "[%s]" % SECTION] + self._options()) + "\n"
+
+    def update_section(self, text, part):
+        """``text`` (an INI file's) with its ``[zjournal]`` section
+        replaced by this deployment's, or added; the rest is kept as
+        written, comments included, for it belongs to the application."""
+        body = "\n".join(["[%s]" % SECTION,
+                          "# Written by buildout part [%s] (recipe zjournal):"
+                          " change the part" % part,
+                          "# in buildout.cfg, not this section."]
+                         + self._options()) + "\n"
+        lines = text.splitlines(keepends=True)
+        starts = [i for i, line in enumerate(lines)
+                  if _SECTION_LINE.match(line)]
+        ours = [i for i in starts
+                if _SECTION_LINE.match(lines[i]).group(1).strip() == SECTION]
+        if not ours:
+            kept = text.rstrip("\n")
+            return (kept + "\n\n" if kept else "") + body
+        start = ours[0]
+        end = next((i for i in starts if i > start), len(lines))
+        if end < len(lines):
+            # The blank line (or the comments) above the next section stay
+            # with it.
+            while end > start + 1 and (not lines[end - 1].strip() or
+                                       lines[end - 1].lstrip()[:1] in "#;"):
+                end -= 1
+            body += "\n"
+        return "".join(lines[:start]) + body + "".join(lines[end:])
+
+    def _options(self):
+        lines = ["journal = %s" % self.journal]
         if self.fsync:
             lines.append("fsync = %s" % self.fsync)
         if self.zodb:
@@ -150,7 +187,7 @@ class Deployment:
             lines.append("imports = %s" % " ".join(self.imports))
         if self.hmac_key_env:
             lines.append("hmac-key-env = %s" % self.hmac_key_env)
-        return "\n".join(lines) + "\n"
+        return lines
 
     # -- for the application ----------------------------------------------
 
@@ -346,6 +383,7 @@ class Recipe:
             "config", os.path.join(self.part_directory, CONFIG_NAME)))
         self.script = self._script()
         options["script"] = self.script or ""
+        self._refuse_data_buildout_removes(b["bin-directory"])
 
     # -- checks --------------------------------------------------------
 
@@ -394,6 +432,39 @@ class Recipe:
         self.journal = given
         self.fsync = fsync
         return kind, location
+
+    def _refuse_data_buildout_removes(self, bin_directory):
+        """Refuse to keep data where buildout deletes files.
+
+        Buildout removes the part's directory when the part is
+        uninstalled, and reinstalls it -- removing it first -- whenever
+        one of its options changes; the bin directory is its own too.
+        A journal there would be deleted by an innocent edit of
+        ``imports``, and it is the only copy of the history.
+        """
+        data = []
+        if self.kind == "file":
+            data.append(("journal", self.location))
+        elif self.kind == "sqlite":
+            data.append(("journal", self.location))
+        if self.zodb and not _URI.match(self.zodb):
+            data.append(("zodb", self.zodb))
+        if _real(self.config) == _real(self.part_directory):
+            raise _user_error(
+                "[%s] config = %s is the part's directory; name a file"
+                % (self.name, self.config))
+        for option, path in data:
+            for directory, what in (
+                    (self.part_directory, "the part's directory %s, which"
+                     " buildout deletes when the part is uninstalled or"
+                     " its options change"),
+                    (bin_directory, "the bin directory %s, which buildout"
+                     " manages")):
+                if _within(path, directory):
+                    raise _user_error(
+                        "[%s] %s = %s is inside %s; keep data elsewhere"
+                        " (the default is under var/)"
+                        % (self.name, option, path, what % directory))
 
     def _zodb(self):
         value = self.options.get("zodb", "").strip()
@@ -461,16 +532,40 @@ class Recipe:
         """Write the file; return what buildout may remove with the part:
         the part's own directory, or just the file when it lives
         elsewhere (a directory we did not make for ourselves may hold
-        other parts' files)."""
+        other parts' files).
+
+        A file the recipe did not write (the application's ``.ini``)
+        gets its ``[zjournal]`` section updated, the rest kept, and is
+        not returned: buildout would delete it with the part.
+        """
         parent = os.path.dirname(self.config)
         own = parent == self.part_directory
         if not os.path.isdir(parent):
             os.makedirs(parent)
-        text = self.deployment().format(self.name)
+        header = HEADER % self.name
+        try:
+            with open(self.config, encoding="utf-8") as f:
+                existing = f.read()
+        except FileNotFoundError:
+            existing = None
+        except (OSError, UnicodeDecodeError) as e:
+            raise _user_error("[%s] config = %s: cannot read it: %s"
+                              % (self.name, self.config, e)) from None
+        foreign = existing is not None and not existing.startswith(header)
+        if foreign:
+            text = self.deployment().update_section(existing, self.name)
+        else:
+            text = self.deployment().format(self.name)
         temporary = self.config + ".tmp"
         with open(temporary, "w", encoding="utf-8") as f:
             f.write(text)
+        if foreign:
+            shutil.copymode(self.config, temporary)
         os.replace(temporary, self.config)
+        if foreign:
+            logger.info("[%s] updated the [%s] section of %s", self.name,
+                        SECTION, self.config)
+            return []
         return [parent if own else self.config]
 
     def _write_script(self):
@@ -497,6 +592,17 @@ class Recipe:
             newest=b.get("newest") == "true",
             allow_hosts=tuple(h.strip() for h in b.get(
                 "allow-hosts", "*").splitlines() if h.strip()))
+
+
+def _real(path):
+    return os.path.realpath(os.path.abspath(path))
+
+
+def _within(path, directory):
+    """Whether ``path`` is ``directory`` or lies inside it."""
+    path, directory = _real(path), _real(directory)
+    return path == directory or path.startswith(directory.rstrip(os.sep)
+                                                + os.sep)
 
 
 def _private_directory(part, path, what, check=False):

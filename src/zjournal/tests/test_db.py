@@ -263,6 +263,41 @@ class TestUnjournaledChanges:
         assert jdb.journal.last_seq == 1
         assert zodb_state(jdb) == ({"a": 1}, {})
 
+    def test_a_second_change_to_a_commands_object_is_refused(self, jdb):
+        # ZODB reports an object only on its first change in a
+        # transaction: the table, changed by the command, must be
+        # reported again when the block changes it afterwards.
+        jdb.execute(Put("a", 1))
+        with pytest.raises(zjournal.UnjournaledChangeError):
+            with jdb.transaction() as conn:
+                zjournal.execute(conn, Put("b", 2))
+                conn.root()["table"]["sneaky"] = 3
+        assert jdb.journal.last_seq == 1
+        assert zodb_state(jdb) == ({"a": 1}, {})
+
+    def test_same_in_an_application_managed_transaction(self, jdb):
+        tm = transaction.TransactionManager(explicit=True)
+        conn = jdb.open(tm)
+        try:
+            tm.begin()
+            zjournal.execute(conn, Put("a", 1))
+            zjournal.execute(conn, Put("b", 2))  # a command may, again
+            conn.root()["table"]["sneaky"] = 3
+            with pytest.raises(zjournal.UnjournaledChangeError):
+                tm.commit()
+            tm.abort()
+            # Commands that change the same objects commit normally.
+            tm.begin()
+            zjournal.execute(conn, Put("a", 1))
+            zjournal.execute(conn, Put("a", 2))
+            tm.commit()
+        finally:
+            conn.close()
+        assert journal_state(jdb) == [
+            (1, "tests.put", {"key": "a", "value": 1}),
+            (2, "tests.put", {"key": "a", "value": 2})]
+        assert zodb_state(jdb) == ({"a": 2}, {})
+
     def test_connections_opened_on_the_raw_db_are_guarded_too(self, jdb):
         tm = transaction.TransactionManager()
         conn = jdb.db.open(tm)
@@ -374,3 +409,21 @@ class TestCatchUp:
         assert jdb.catch_up().action == "current"
         assert not jdb.needs_catch_up
         assert len(calls) == 2
+
+    def test_the_flag_stays_set_until_the_replay_is_done(self, jdb,
+                                                          monkeypatch):
+        # Another thread's retry that looks at the flag while the replay
+        # runs must wait for it (catch_up), not start from the old state.
+        from zjournal import recovery
+        real = recovery.recover
+        seen = []
+
+        def watched(*args, **kw):
+            seen.append(jdb.needs_catch_up)
+            return real(*args, **kw)
+
+        monkeypatch.setattr(recovery, "recover", watched)
+        jdb._needs_catch_up = True
+        jdb.catch_up()
+        assert seen == [True]
+        assert not jdb.needs_catch_up

@@ -21,6 +21,7 @@ pytest.importorskip("webtest")
 
 import webtest  # noqa: E402
 import ZODB  # noqa: E402
+import ZODB.Connection  # noqa: E402
 import ZODB.FileStorage  # noqa: E402
 import ZODB.POSException  # noqa: E402
 from pyramid.config import Configurator  # noqa: E402
@@ -412,17 +413,92 @@ class TestExecute:
         env = prepare(registry=app.registry)
         try:
             request = env["request"]
-            if manager:
-                # An explicit manager has no transaction until begun.
-                with pytest.raises(zpyramid.NoRequestTransactionError,
-                                   match="with request.tm"):
-                    request.execute(Put("script", 1))
+            # No transaction begun: nobody would commit the command.  (The
+            # thread-local manager would hand out one on request.tm.get().)
+            with pytest.raises(zpyramid.NoRequestTransactionError,
+                               match="with request.tm"):
+                request.execute(Put("script", 1))
             with request.tm:
                 request.execute(Put("script", 2))
         finally:
             env["closer"]()
         jdb = zpyramid.get_journaled_db(app.registry)
         assert [e.command.value for e in jdb.journal.entries()] == [2]
+
+
+    def test_a_request_pyramid_tm_does_not_manage(self, settings, apps,
+                                                  manager):
+        if manager:
+            settings["tm.manager_hook"] = manager
+        settings["tm.activate_hook"] = __name__ + ".not_for_bump"
+        app = apps(settings)
+        testapp = webtest.TestApp(app)
+        with pytest.raises(zpyramid.NoRequestTransactionError,
+                           match="not managing /bump"):
+            testapp.get("/bump")
+        jdb = zpyramid.get_journaled_db(app.registry)
+        assert jdb.journal.last_seq == 0
+        assert shown(testapp) == (({}, {}), 0)
+
+    def test_a_change_after_a_command_to_its_object_is_refused(
+            self, settings, apps, manager):
+        # The counters mapping is the command's; the view changes it again.
+        if manager:
+            settings["tm.manager_hook"] = manager
+
+        def sneak(request):
+            counters = get_connection(request).root()["counters"]
+            counters["sneaky"] = 1
+
+        app = apps(settings, {"bump": sneak})
+        testapp = webtest.TestApp(app)
+        with pytest.raises(zjournal.UnjournaledChangeError):
+            testapp.get("/bump")
+        jdb = zpyramid.get_journaled_db(app.registry)
+        assert jdb.journal.last_seq == 0
+        assert shown(testapp) == (({}, {}), 0)
+
+    @pytest.mark.parametrize("error", [
+        "ZEO.Exceptions.ClientDisconnected",  # a TransientError
+        "ZODB.POSException.StorageSystemError",
+    ])
+    def test_a_failure_after_the_journal_vote_is_a_success(
+            self, settings, apps, manager, monkeypatch, error):
+        # The journal is the decision: the command is committed.  A
+        # retry would apply it twice; a 500 would be a lie.
+        if manager:
+            settings["tm.manager_hook"] = manager
+        module, name = error.rsplit(".", 1)
+        error = getattr(pytest.importorskip(module), name)
+        app = apps(settings)
+        jdb = zpyramid.get_journaled_db(app.registry)
+        testapp = webtest.TestApp(app)
+        real = ZODB.Connection.Connection.tpc_finish
+        failures = []
+
+        def tpc_finish(conn, txn, *args, **kw):
+            if conn is not None and getattr(conn, "journaled_db", None) \
+                    and not failures:
+                failures.append(txn)
+                raise error("lost the storage during tpc_finish")
+            return real(conn, txn, *args, **kw)
+
+        monkeypatch.setattr(ZODB.Connection.Connection, "tpc_finish",
+                            tpc_finish)
+        res = testapp.get("/bump")
+        assert res.json == {"result": 1, "attempts": [0]}
+        assert len(failures) == 1
+        assert [e.command.by for e in jdb.journal.entries()] == [1]
+        assert jdb.needs_catch_up
+        # The next request catches the ZODB up before it begins.
+        assert shown(testapp) == (({}, {"n": 1}), 1)
+        assert testapp.get("/bump").json["result"] == 2
+        assert jdb.journal.last_seq == 2
+
+
+def not_for_bump(request):
+    """tm.activate_hook: pyramid_tm leaves /bump alone."""
+    return request.path != "/bump"
 
 
 class Read(zjournal.Command):

@@ -387,6 +387,63 @@ class TestRecipe:
         make_recipe(bo, "same", journal="file:///srv/j?fsync=never",
                     fsync="never")
 
+    @pytest.mark.parametrize("option, value, where", [
+        ("journal", "parts/journal/history", "the part's directory"),
+        ("journal", "sqlite://{here}/parts/journal/j.sqlite",
+         "the part's directory"),
+        ("journal", "bin/history", "the bin directory"),
+        ("zodb", "parts/journal/Data.fs", "the part's directory"),
+        ("zodb", "{here}/bin/Data.fs", "the bin directory"),
+    ])
+    def test_data_where_buildout_deletes_is_refused(self, bo, tmp_path,
+                                                    option, value, where):
+        # Buildout deletes the part's directory on every option change.
+        import zc.buildout
+        value = value.format(here=tmp_path)
+        with pytest.raises(zc.buildout.UserError) as e:
+            make_recipe(bo, **{option: value})
+        message = str(e.value)
+        assert message.startswith("[journal] %s = " % option), message
+        assert " is inside %s " % where in message, message
+        assert "keep data elsewhere" in message
+        assert not (tmp_path / "parts" / "journal").exists()
+        # The same data under var/ is fine, and so is a part's config in
+        # its own directory (the default).
+        make_recipe(bo, "elsewhere", **{option: value.replace(
+            "parts/journal", "var").replace("bin/", "var/")})
+
+    def test_config_naming_the_part_directory_is_refused(self, bo):
+        import zc.buildout
+        with pytest.raises(zc.buildout.UserError, match="is the part's"
+                           " directory; name a file"):
+            make_recipe(bo, config="parts/journal")
+
+    def test_an_application_ini_keeps_its_sections(self, bo, tmp_path):
+        """``config`` may name the application's .ini: only [zjournal] is
+        the recipe's, and buildout must never delete the file."""
+        ini = tmp_path / "production.ini"
+        app = ("# the application's\n[app:main]\nuse = egg:myapp\n"
+               "zodbconn.uri = file://%(here)s/Data.fs\n\n"
+               "[server:main]\nuse = egg:waitress#main\n")
+        ini.write_text(app)
+        os.chmod(str(ini), 0o640)
+        assert make_recipe(bo, config="production.ini", script="",
+                           imports="a.commands").install() == []
+        text = ini.read_text()
+        assert text.startswith(app), text
+        assert Deployment.read(str(ini)).imports == ("a.commands",)
+        assert stat.S_IMODE(os.stat(str(ini)).st_mode) == 0o640
+        # Move the section up, as a person editing the file might; an
+        # option change then rewrites it there, and only it.
+        _, section = text.split(app)
+        ini.write_text(section.strip() + "\n\n" + app)
+        assert make_recipe(bo, "again", config="production.ini", script="",
+                           imports="b.commands").install() == []
+        text = ini.read_text()
+        assert text.count("[zjournal]") == 1
+        assert text.endswith(app), text
+        assert Deployment.read(str(ini)).imports == ("b.commands",)
+
     def test_zodb_that_is_neither_path_nor_uri(self, bo):
         import zc.buildout
         with pytest.raises(zc.buildout.UserError) as e:
@@ -519,6 +576,39 @@ class TestRecipeInSampleBuildout:
         assert not os.path.exists(os.path.join(here, "bin", "journal"))
         assert not os.path.exists(os.path.join(here, "parts", "journal"))
         assert snapshot(var) == before
+
+    def test_a_journal_in_the_part_directory_stops_buildout(self, sample):
+        here = sample.sample_buildout
+        sample.write("buildout.cfg", buildout_cfg(
+            extra="journal = parts/journal/history"))
+        out = sample.system(sample.buildout)
+        assert "Error: [journal] journal = " in out, out
+        assert "is inside the part's directory" in out, out
+        assert "Traceback" not in out, out
+        assert not os.path.exists(os.path.join(here, "parts", "journal"))
+
+    def test_uninstall_leaves_an_application_ini(self, sample):
+        here = sample.sample_buildout
+        ini = os.path.join(here, "production.ini")
+        app = "[app:main]\nuse = egg:myapp\n"
+        with open(ini, "w") as f:
+            f.write(app)
+        sample.write("buildout.cfg", buildout_cfg(
+            extra="config = production.ini"))
+        out = sample.system(sample.buildout)
+        assert "Installing journal." in out, out
+        # An option change reinstalls the part (uninstall, install), and
+        # removing it uninstalls it: the file stays, with its section.
+        sample.write("buildout.cfg", buildout_cfg(
+            extra="config = production.ini\nscript = jj"))
+        out = sample.system(sample.buildout)
+        assert "Uninstalling journal." in out, out
+        assert Deployment.read(ini).journal == os.path.join(here, "var",
+                                                            "journal")
+        sample.write("buildout.cfg", buildout_cfg(parts=""))
+        sample.system(sample.buildout)
+        with open(ini) as f:
+            assert f.read().startswith(app)
 
     def test_existing_open_journal_directory_is_left_alone_with_a_warning(
             self, sample):

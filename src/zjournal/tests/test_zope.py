@@ -403,3 +403,90 @@ class TestSection:
                            match="batch-size must be at least 1"):
             self._load(tmp_path, "<zjournal j>\n  uri /x\n  batch-size 0\n"
                        "</zjournal>")
+
+
+# What the server process imports at startup (as sitecustomize) for the
+# retry test: the ZODB's tpc_finish fails once, with ZEO's
+# ClientDisconnected (a TransientError), when the flag file exists --
+# after the journal's vote made the request's command durable.
+FAIL_FINISH = '''
+import os
+import ZODB.Connection
+from ZEO.Exceptions import ClientDisconnected
+
+_flag = os.environ["ZJ_TEST_FAIL_FINISH"]
+_real = ZODB.Connection.Connection.tpc_finish
+
+
+def tpc_finish(self, txn, *args, **kw):
+    if getattr(self, "journaled_db", None) is not None \\
+            and os.path.exists(_flag):
+        os.remove(_flag)
+        raise ClientDisconnected("lost the ZEO server during tpc_finish")
+    return _real(self, txn, *args, **kw)
+
+
+ZODB.Connection.Connection.tpc_finish = tpc_finish
+'''
+
+
+def test_a_request_is_not_retried_after_its_journal_commit(instance,
+                                                           tmp_path):
+    pytest.importorskip("ZEO")
+    _adduser(instance, "admin", "secret")
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(FAIL_FINISH)
+    flag = tmp_path / "fail-next-finish"
+    path = os.pathsep.join([str(site)] + [
+        p for p in instance.env()["PYTHONPATH"].split(os.pathsep) if p])
+    with instance.start(PYTHONPATH=path,
+                        ZJ_TEST_FAIL_FINISH=str(flag)) as server:
+        server.ok("/@@zj-add-folder?id=docs")
+        flag.write_text("")
+        status, _ = server.get("/docs/@@zj-set-property?name=n&value=1")
+        assert not flag.exists(), server.output()[-3000:]
+        # The client hears of the failure; the command is committed
+        # once, not once per retry.
+        assert status == 500
+        assert "not retrying the request" in server.output()
+        server.ok("/docs/@@zj-set-property?name=m&value=2")
+        docs = _find(server.dump()["tree"], "docs")
+    names = [(name, args.get("name")) for _, name, args
+             in instance.journal_entries()[2:]]
+    assert names == [("zjexample.add_folder", None),
+                     ("zjexample.set_property", "n"),
+                     ("zjexample.set_property", "m")]
+    # The ZODB caught up with the journaled command before the next one.
+    assert ["n", "1"] in docs["properties"]
+    assert ["m", "2"] in docs["properties"]
+
+
+def test_an_inituser_that_cannot_be_removed_stops_the_first_start(
+        instance):
+    # Zope would add the user again outside any command, and each start
+    # would journal another initialization.  An immutable directory is
+    # one that even root cannot remove a file from.
+    (instance.home / "inituser").write_text("admin:secret\n")
+    home = str(instance.home)
+    try:
+        subprocess.run(["chattr", "+i", home], check=True,
+                       stderr=subprocess.PIPE)
+    except (OSError, subprocess.CalledProcessError) as e:
+        pytest.skip("cannot make the instance directory immutable: %s" % e)
+    try:
+        proc = instance.run("-m", "zjournal.zope.adduser", "-c",
+                            instance.conf, "editor", "editpw")
+    finally:
+        subprocess.run(["chattr", "-i", home], check=True)
+    assert proc.returncode != 0
+    assert "the inituser file %s cannot be removed" % (
+        instance.home / "inituser") in proc.stdout, proc.stdout
+    assert "nothing was journaled" in proc.stdout
+    assert not os.path.exists(instance.journal) or \
+        instance.journal_entries() == []
+    # Once it can be removed, the start goes on as usual.
+    _adduser(instance, "editor", "editpw")
+    assert not (instance.home / "inituser").exists()
+    assert [name for _, name, _ in instance.journal_entries()] == [
+        "zjournal.zope.initialize", "zjournal.zope.add_user"]

@@ -35,6 +35,7 @@ what was found.
 """
 import logging
 import os
+import stat
 
 import transaction
 import zope.component
@@ -190,20 +191,54 @@ def read_inituser():
 
 
 def _initialize_application(jdb, config):
+    """Journal Zope's initialization; remove the inituser file it used.
+
+    Zope removes the file once used; so must we, or Zope's own
+    initializer finds it and adds the user again, outside any command:
+    the journal refuses that commit and the startup fails -- at every
+    start, each journaling another initialization first.  Hence the
+    check before anything is journaled.
+    """
     inituser = read_inituser()
     if not commands.needs_initialization(jdb.db, inituser):
         return
+    path = None
+    if inituser is not None:
+        home = os.environ.get("INSTANCE_HOME") or config.instancehome
+        path = os.path.join(home, "inituser")
+        _check_removable(path)
     created = jdb.execute(commands.InitializeApplication(inituser))
     logger.info("journaled Zope's application initialization as seq %d",
                 jdb.journal.last_seq)
-    if created is not None:
-        # Zope removes the file once used; so do we, or Zope's own
-        # initializer would find it and add the user again, unjournaled.
-        home = os.environ.get("INSTANCE_HOME") or config.instancehome
+    if created is not None and path is not None:
         try:
-            os.remove(os.path.join(home, "inituser"))
+            os.remove(path)
+        except FileNotFoundError:
+            pass
         except OSError as e:
-            logger.warning("could not remove the inituser file: %s", e)
+            raise ZopeConfigurationError(
+                "the initial user is journaled (seq %d), but the inituser"
+                " file %s cannot be removed (%s); remove it before starting"
+                " Zope again" % (jdb.journal.last_seq, path, e)) from e
+
+
+def _check_removable(path):
+    """Refuse to start when the inituser file cannot be removed."""
+    directory = os.path.dirname(path) or "."
+    problem = None
+    if not os.access(directory, os.W_OK | os.X_OK):
+        problem = "its directory is not writable"
+    else:
+        info = os.stat(directory)
+        if info.st_mode & stat.S_ISVTX and os.geteuid() not in (
+                0, info.st_uid, os.stat(path).st_uid):
+            problem = "its directory is sticky and the file is not ours"
+    if problem is not None:
+        raise ZopeConfigurationError(
+            "the inituser file %s cannot be removed (%s): Zope would add"
+            " its user again, outside any journaled command.  Remove the"
+            " file (or make it removable) and start Zope again; nothing"
+            " was journaled" % (path, problem))
 
 
 def _sections(config):
@@ -232,9 +267,51 @@ def database_opened_with_root(event):
         _products_installed = False
 
 
+def before_commit(event):
+    """Let no request be retried once the journal committed its commands.
+
+    The journal's vote is the commit point.  If the ZODB then fails to
+    finish (ZEO's ClientDisconnected is a TransientError), the publisher
+    would retry the request and apply its commands a second time.  The
+    publisher asks ``request.supports_retry()`` right after the failed
+    commit; this answers no when the request's commands are journaled.
+    The client gets the error response, although the commands are
+    committed: the ZODB catches up from the journal before the next
+    command, and the log says so.
+    """
+    request = event.request
+    txn = transaction.get()
+    managers = []
+    for jdb in journaled_dbs.values():
+        try:
+            managers.append(txn.data(jdb))
+        except KeyError:
+            pass
+    if not managers or "supports_retry" in vars(request):
+        return
+    may_retry = request.supports_retry
+
+    def supports_retry():
+        for dm in managers:
+            if dm.committed is not None:
+                logger.error(
+                    "%s: seq %d..%d are committed in the journal, but the"
+                    " ZODB failed to finish; not retrying the request (it"
+                    " would apply them twice); the ZODB catches up before"
+                    " the next command", request.get("PATH_INFO", "?"),
+                    dm.committed[0], dm.committed[1])
+                return False
+        return may_retry()
+
+    request.supports_retry = supports_retry
+
+
 def _register_handlers():
+    from ZPublisher.interfaces import IPubBeforeCommit
     registered = {h.factory for h in
                   zope.component.getGlobalSiteManager().registeredHandlers()}
+    if before_commit not in registered:
+        zope.component.provideHandler(before_commit, (IPubBeforeCommit,))
     if database_opened not in registered:
         zope.component.provideHandler(database_opened, (IDatabaseOpened,))
     if database_opened_with_root not in registered:
