@@ -187,10 +187,14 @@ def check_replay(journal, live_db, scratch_db, batch_size=1000,
         report = Report(journal.path, label, marker.last_seq,
                         journal.last_seq)
         # A command this code cannot decode is a gap in --import, not a
-        # divergence.
-        check_replayable(journal.entries(1, marker.last_seq + 1))
+        # divergence.  The same pass collects the recorded digests:
+        # replay passes over them (they are flagged as queries).
+        recorded = []
+        check_replayable(_collect_digests(
+            journal.entries(1, marker.last_seq + 1), recorded))
         with _scratch(scratch_db, journal) as (tm, conn):
-            _replay(report, journal, tm, conn, batch_size, progress)
+            _replay(report, journal, tm, conn, batch_size, progress,
+                    recorded)
             if report.replay_error is None:
                 report.comparison = digest.compare(
                     live_root, conn.root(), progress=walk_progress)
@@ -232,9 +236,18 @@ def _scratch(db, journal):
         conn.close()
 
 
-def _replay(report, journal, tm, conn, batch_size, progress):
+def _collect_digests(entries, recorded):
+    """Pass ``entries`` through, appending the digest entries among them
+    to ``recorded``."""
+    for entry in entries:
+        if entry.command_name == DIGEST_COMMAND:
+            recorded.append(entry)
+        yield entry
+
+
+def _replay(report, journal, tm, conn, batch_size, progress, recorded):
     """Replay up to the live seq, comparing at each recorded digest."""
-    checker = _DigestChecker(report, conn.root())
+    checker = _DigestChecker(report, conn.root(), recorded)
     began = time.perf_counter()
     try:
         report.replayed = replay(
@@ -249,30 +262,43 @@ def _replay(report, journal, tm, conn, batch_size, progress):
 
 
 class _DigestChecker:
-    """The replay's ``observe`` hook: at each digest entry, the digest of
-    the replay's own state (uncommitted batch included) against the one
-    the live system recorded.  After the first mismatch the others are
-    only listed: the question they answer is settled."""
+    """The replay's ``observe`` hook: right after the command each
+    recorded digest describes (seq ``after``), the digest of the replay's
+    own state (its uncommitted batch included) against the one the live
+    system recorded.  After the first mismatch the others are only
+    listed: the question they answer is settled.
 
-    def __init__(self, report, root):
+    Replay does not show digest entries to ``observe`` (they are flagged
+    as queries), so they are read from the journal beforehand.  Digests
+    journaled before they were flagged are executed by replay as
+    commands that do nothing, and are met the same way.
+    """
+
+    def __init__(self, report, root, recorded):
         self.report = report
         self.root = root
+        self.due = {}
+        for entry in recorded:
+            args = entry.args
+            if args.get("scheme") != SCHEME:
+                report.skipped_schemes += 1
+                continue
+            point = Checkpoint(entry.seq, args["after"], args["digest"])
+            report.checkpoints.append(point)
+            self.due.setdefault(point.after, []).append(point)
 
     def __call__(self, entry, seconds):
-        if entry.command_name != DIGEST_COMMAND:
+        points = self.due.pop(entry.seq, None)
+        if points is None:
             return
-        args = entry.args
-        if args.get("scheme") != SCHEME:
-            self.report.skipped_schemes += 1
-            return
-        point = Checkpoint(entry.seq, args["after"], args["digest"])
-        if self.report.first_mismatch is None:
+        for point in points:
+            if self.report.first_mismatch is not None:
+                return
             point.replayed = digest.state_digest(self.root).hexdigest
             if not point.matched:
                 logger.info("the replay's state after seq %d differs from"
                             " the digest the live database recorded",
                             point.after)
-        self.report.checkpoints.append(point)
 
 
 def _check_history(marker, journal, label):

@@ -10,35 +10,59 @@ differ.  ``zodb-journal check-replay`` (:mod:`zjournal.checkreplay`) is
 built on both, and :class:`StateDigest` records digests in the journal.
 
 The walk
-    Breadth first from the root, children in canonical order.  Each
-    persistent object is named by the *path* it was first found by:
+    Breadth first from the root, children in canonical order.  A
+    reference to a persistent object is hashed as the object's position
+    in that walk (the root is 0, the objects it refers to come next, and
+    so on): canonical, since the order is, and unique, since each object
+    has one position.  An object found again (shared, or in a cycle) is
+    hashed once.  Each object also has a *path*, for people to read:
     ``/accounts/alice`` is the value of key ``"alice"`` of the object at
     key ``"accounts"`` of the root, ``/bank/accounts`` the attribute
     ``accounts`` of the object at ``/bank``, ``/queue[3]`` a list element
-    or a key that is not a string.  An object found again (shared, or in a
-    cycle) is recorded as a reference to that first path and hashed once.
-    The zjournal marker (:data:`~zjournal.marker.MARKER_KEY`) is left out:
-    it says how the state was made, not what it is.
+    or a key that is not a string, ``/tags/members{2}`` the third member
+    of a set in canonical order, ``/box/@/title`` an attribute of a
+    persistent mapping or list besides its items.  ``%``, ``/``, ``[``,
+    ``{`` and a leading ``@`` in a string key are %-escaped, so that a
+    path names one place.  The zjournal marker
+    (:data:`~zjournal.marker.MARKER_KEY`) is left out: it says how the
+    state was made, not what it is.
 
 What is hashed for each object
     The ``module.qualname`` of its class and its state: what
     ``__getstate__`` returns (what ZODB pickles), encoded canonically --
     types kept apart (``1``, ``1.0`` and ``True`` differ), dict items and
-    set members in sorted order, references to persistent objects
-    replaced by their path, other objects by what they pickle as
-    (``__reduce_ex__``).  A BTree (or TreeSet, Set, Bucket) is hashed by
-    its items in key order, not by its buckets.
+    set members in sorted order (an ``OrderedDict`` keeps its order),
+    references to persistent objects replaced by their position, other
+    objects by what they pickle as (the reducer ``copyreg`` registers for
+    their type, else ``__reduce_ex__``).  A BTree (or TreeSet, Set,
+    Bucket) is hashed by its items in key order, not by its buckets.
 
-What it cannot see
-    Persistent objects used as dict keys or set members are named in the
-    order their container holds them, which may follow their creation.
+Persistent objects as set members and dict keys
+    Python orders them by ``id()`` or by oid, which differ between two
+    databases holding the same state.  The walk orders them by a hash of
+    their content instead (their class and state, and the content of the
+    not-yet-walked objects they refer to, a cycle back to one of those
+    hashed as how many steps back it leads), and only then gives them
+    their positions.  Members whose content is identical are
+    interchangeable: a reference to one is hashed like a reference to the
+    other.  That content is read as a tree: two members that differ only
+    in which deeper, not yet walked objects they *share* with others
+    order as equals, and are then taken as interchangeable when they are
+    not quite: for such members only, the digest may tell apart two
+    databases holding the same state, or miss which of them a reference
+    names.  A member whose content
+    reaches more than :data:`CONTENT_OBJECTS` objects not walked yet is a
+    :class:`DigestError` rather than a guess.
+    BTree keys are taken in the tree's order: a persistent class used as
+    a BTree key defines that order itself (``__lt__``), and the digest is
+    canonical if that order is (it is not when it compares oids).
     Objects only reachable through a ``_v_`` attribute, or not reachable
     from the root at all, are not part of the state.
 
 Large databases are walked a few objects at a time: an object the walk
 loaded is turned back into a ghost once hashed, the cache is trimmed
-every :data:`GC_EVERY` objects, and only each object's path is kept (to
-name references to it), never its state.
+every :data:`GC_EVERY` objects, and only each object's position and path
+are kept (to name references to it), never its state.
 """
 import collections
 import copyreg
@@ -54,16 +78,19 @@ import persistent.mapping
 import persistent.wref
 from BTrees.Interfaces import IDictionaryIsh
 from BTrees.Interfaces import IKeyed
+from ZODB.POSException import POSKeyError
 
+from zjournal import commands
 from zjournal.commands import Command
 from zjournal.errors import ZJournalError
+from zjournal.format import FLAG_QUERY
 from zjournal.marker import MARKER_KEY
 
 logger = logging.getLogger(__name__)
 
 #: Names the canonical encoding and the hash.  Digests made under another
 #: scheme are not comparable with these, and are not compared.
-SCHEME = "zjournal-digest-1"
+SCHEME = "zjournal-digest-2"
 
 #: Objects hashed between two trims of the connection's cache.
 GC_EVERY = 1000
@@ -71,6 +98,10 @@ GC_EVERY = 1000
 #: Objects waiting to be walked that are held in memory (as ghosts, most
 #: of them); beyond this, only their oids are.
 PENDING_OBJECTS = 100000
+
+#: Objects not walked yet that the content hash of one set member or
+#: dict key (see the module's docstring) may read before giving up.
+CONTENT_OBJECTS = 10000
 
 # Encoded state is hashed in pieces of about this many bytes.
 _FLUSH = 1 << 16
@@ -197,8 +228,26 @@ def _class_name(cls):
 def _step(base, key):
     """The path of the value at ``key`` (an attribute or key) of ``base``."""
     if type(key) is str:
-        return base + "/" + key.replace("%", "%25").replace("/", "%2F")
-    return base + "[%r]" % (key,)
+        text = (key.replace("%", "%25").replace("/", "%2F")
+                .replace("[", "%5B").replace("{", "%7B"))
+        if text.startswith("@"):
+            text = "%40" + text[1:]
+        return base + "/" + text
+    if _shown(key):
+        return base + "[%r]" % (key,)
+    # Anything else may show a memory address in its repr(): callers
+    # name such a key with _value_step(), by its encoding.
+    return base + "[%s]" % _class_name(type(key)).rpartition(".")[2]
+
+
+_SHOWN_KEYS = (int, float, bool, type(None), bytes, str)
+
+
+def _shown(key):
+    """Whether repr(key) is canonical, to show in a path."""
+    if type(key) is tuple:
+        return all(_shown(k) for k in key)
+    return type(key) in _SHOWN_KEYS
 
 
 def _is_tree(obj):
@@ -226,11 +275,15 @@ class Walker:
         self.gc_every = gc_every
         self.objects = 0
         self.hexdigest = None
+        self._index = {}       # object key -> its position in the walk
         self._paths = {}       # object key -> the path it was found by
+        self._alias = {}       # position -> that of an identical member
+        self._next = 0         # the position the next object found gets
         self._pending = collections.deque()
         self._pinned = []      # unsaved objects: their id() keys them
         self._total = hashlib.blake2b(digest_size=32)
         self._probe = False
+        self._seen = None      # a _Content while ordering by content
         self._current = None   # the object whose state is being encoded
         # (object, oid) of the object yielded last, for compare() to
         # describe a difference with.
@@ -276,13 +329,15 @@ class Walker:
         return ("unsaved", id(obj))
 
     def _discover(self, obj, path):
-        """Name ``obj`` by ``path`` unless it has a name; return the name."""
+        """Give ``obj`` the next position unless it has one; return it."""
         key = self._key(obj)
-        known = self._paths.get(key)
+        known = self._index.get(key)
         if known is not None:
             return known
         if self._probe:
             return None
+        index = self._index[key] = self._next
+        self._next += 1
         self._paths[key] = path
         if (type(key) is bytes and obj._p_changed is not True
                 and len(self._pending) >= PENDING_OBJECTS):
@@ -294,7 +349,7 @@ class Walker:
             if type(key) is tuple:
                 self._pinned.append(obj)  # so that its id() stays its own
             self._pending.append((path, key, obj))
-        return path
+        return index
 
     # -- hashing one object ----------------------------------------------
 
@@ -307,6 +362,12 @@ class Walker:
             self._encode_object(obj, path, parts, h)
         except DigestError:
             raise
+        except POSKeyError as e:
+            raise DigestError(
+                "cannot digest the %s at %s: it, or an object its state"
+                " refers to, is missing from the database (a dangling"
+                " reference: POSKeyError %s)" % (name, path or "/", e)
+            ) from e
         except RecursionError:
             raise DigestError("the state of %s at %s is nested too deeply to"
                               " digest" % (name, path or "/")) from None
@@ -314,8 +375,9 @@ class Walker:
             self._current = None
         h.update(b"".join(parts))
         digest = h.digest()
-        encoded = path.encode("utf-8", "surrogatepass")
-        self._total.update(b"%d:%s%s" % (len(encoded), encoded, digest))
+        # Positions are implicit in the order: the sequence of the
+        # objects' hashes is the whole state.
+        self._total.update(digest)
         return ObjectDigest(path or "/", name, digest.hex())
 
     def _encode_object(self, obj, path, parts, h):
@@ -326,7 +388,7 @@ class Walker:
         state = obj.__getstate__()
         if isinstance(obj, _MAPPINGS) and type(state) is dict:
             data = state.get("data")
-            if path == "" and self.exclude and isinstance(data, dict):
+            if obj is self.root and self.exclude and isinstance(data, dict):
                 data = {k: v for k, v in data.items() if k not in self.exclude}
             rest = {k: v for k, v in state.items() if k != "data"}
             parts.append(b"M")
@@ -341,16 +403,22 @@ class Walker:
             self._encode(state, path, _HERE, parts)
 
     def _encode_tree(self, tree, path, parts, h):
-        if IDictionaryIsh.providedBy(tree):
-            parts.append(b"B")
+        mapping = IDictionaryIsh.providedBy(tree)
+        parts.append(b"B" if mapping else b"S")
+        if mapping:
             for key, value in tree.items():
-                self._encode(key, path, _KEY, parts)
-                self._encode(value, path, key, parts)
+                if type(key) is str or _shown(key):
+                    self._encode(key, path, _KEY, parts)
+                    step = key
+                else:
+                    encoded = self._bytes(key, path, _KEY)
+                    parts.append(encoded)
+                    step = _value_step(key, encoded)
+                self._encode(value, path, step, parts)
                 if len(parts) > 4096:
                     h.update(b"".join(parts))
                     del parts[:]
         else:
-            parts.append(b"S")
             for key in tree.keys():
                 self._encode(key, path, _KEY, parts)
                 if len(parts) > 4096:
@@ -392,9 +460,9 @@ class Walker:
             self._encode_dict(value, _at(base, step), parts)
         elif t is set or t is frozenset:
             here = _at(base, step)
-            items = sorted(self._bytes(item, here, _KEY) for item in value)
             parts.append(b"<" if t is set else b"f<")
-            for item in items:
+            for item, _, _ in self._canonical(
+                    [(m, _NOVALUE) for m in value], value, here, "{%d}"):
                 parts.append(b"%d:" % len(item))
                 parts.append(item)
             parts.append(b">")
@@ -414,33 +482,161 @@ class Walker:
 
     def _encode_dict(self, value, here, parts):
         keyed = []
+        others = []
         for key in value:
             if type(key) is str:  # most keys: attribute names
                 data = key.encode("utf-8", "surrogatepass")
                 keyed.append((b"s%d:%s" % (len(data), data), key))
             else:
-                keyed.append((self._bytes(key, here, _KEY), key))
+                others.append((key, value[key]))
         keyed.sort(key=_first)
         parts.append(b"{")
         for encoded, key in keyed:
             parts.append(b"%d:" % len(encoded))
             parts.append(encoded)
             self._encode(value[key], here, key, parts)
+        # Then the other keys, ordered with their values (their encoding
+        # can depend on the order they are met in).
+        for encoded, encoded_value, key in (self._canonical(
+                others, value, here, "{key %d}") if others else ()):
+            parts.append(b"%d:" % len(encoded))
+            parts.append(encoded)
+            parts.append(encoded_value)
         parts.append(b"}")
 
+    def _canonical(self, members, container, here, label):
+        """``[(member encoding, value encoding, member)]`` of set members
+        (``members`` of ``(member, _NOVALUE)``) or dict items (``(key,
+        value)``), in canonical order.
+
+        Members that hold persistent objects the walk has not reached
+        would be numbered in the order Python iterates them (by ``id()``
+        or oid): they are sorted by a hash of their content first (a
+        key's with its value's), and numbered in that order.  Two members
+        with the same content hash hold identical objects: the objects
+        found in the second are made aliases of those found in the first,
+        so that which of them a reference elsewhere names does not change
+        the digest.
+        """
+        outer = self._seen
+        if outer is None:
+            self._seen = _Content()
+        try:
+            keyed = []
+            for member, value in members:
+                before = self._seen.met
+                key_bytes = self._bytes(member, here, _HERE)
+                value_bytes = None if value is _NOVALUE else self._bytes(
+                    value, here, _HERE)
+                keyed.append((key_bytes, value_bytes or b"",
+                              self._seen.met != before, member, value,
+                              value_bytes))
+        finally:
+            self._seen = outer
+        keyed.sort(key=_sort_pair)
+        result = []
+        previous = None
+        for i, (key_bytes, _, expanded, member, value, value_bytes) in (
+                enumerate(keyed)):
+            if not expanded or outer is not None or self._probe:
+                result.append((key_bytes, value_bytes, member))
+                continue
+            first = self._next
+            encoded = self._encode_member(member, value, here, label, i)
+            count = self._next - first
+            if (previous is not None and previous[0] == keyed[i][:2]
+                    and previous[2] == count):
+                for k in range(count):
+                    target = previous[1] + k
+                    self._alias[first + k] = self._alias.get(target, target)
+                encoded = self._encode_member(member, value, here, label, i)
+            previous = (keyed[i][:2], first, count)
+            result.append(encoded + (member,))
+        return result
+
+    def _encode_member(self, member, value, here, label, i):
+        encoded = self._bytes(member, here, _Label(label % i))
+        if value is _NOVALUE:
+            return encoded, None
+        return encoded, self._bytes(value, here, _value_step(member,
+                                                             encoded))
+
     def _encode_reference(self, obj, path, parts):
-        name = self._discover(obj, path)
-        if name is None:  # a probe met an object the walk has not named
-            parts.append(b"?%s;" % _class_name(type(obj)).encode("utf-8"))
+        key = self._key(obj)
+        index = self._index.get(key)
+        if index is None:
+            if self._seen is not None:
+                self._encode_content(obj, key, path, parts)
+                return
+            index = self._discover(obj, path)
+            if index is None:  # a probe met an object not walked yet
+                parts.append(b"?%s;" % _class_name(type(obj)).encode(
+                    "utf-8"))
+                return
+        parts.append(b"@%d;" % self._alias.get(index, index))
+
+    def _encode_content(self, obj, key, path, parts):
+        """An object the walk has not reached, by its content, read depth
+        first: a reference back to an object on the way there (a cycle) is
+        hashed as how many steps back it is, which does not depend on the
+        order siblings are read in, so sets met on the way can be ordered
+        by content too.  Objects reached twice otherwise are read twice,
+        except those whose content refers to no other object not walked
+        yet (or only to such objects): their hash is the same wherever
+        they are met, and is kept."""
+        ctx = self._seen
+        ctx.met += 1
+        depth = ctx.depth.get(key)
+        if depth is not None:
+            parts.append(b"^%d;" % (len(ctx.stack) - depth))
+            ctx.low = min(ctx.low, depth)
             return
-        data = name.encode("utf-8", "surrogatepass")
-        parts.append(b"@%d:" % len(data))
-        parts.append(data)
+        known = ctx.memo.get(key)
+        if known is not None:
+            parts.append(known)
+            return
+        ctx.read += 1
+        read = ctx.read
+        if read > CONTENT_OBJECTS:
+            raise DigestError(
+                "cannot digest %s (in %s): to order the persistent objects"
+                " of a set or of dict keys canonically, their content is"
+                " hashed, and this needs more than %d objects not walked"
+                " yet (CONTENT_OBJECTS)" % (
+                    path or "/", _class_name(type(self._current)),
+                    CONTENT_OBJECTS))
+        mine = ctx.depth[key] = len(ctx.stack)
+        ctx.stack.append(key)
+        low, ctx.low = ctx.low, mine
+        was_ghost = obj._p_changed is None
+        name = _class_name(type(obj))
+        h = hashlib.blake2b(digest_size=32)
+        inner = [b"C", name.encode("utf-8"), b";"]
+        try:
+            self._encode_object(obj, path, inner, h)
+        finally:
+            ctx.stack.pop()
+            del ctx.depth[key]
+            reached, ctx.low = ctx.low, min(low, ctx.low)
+        if was_ghost:
+            obj._p_deactivate()
+        h.update(b"".join(inner))
+        encoded = b"c%s;" % h.hexdigest().encode("ascii")
+        if ctx.read == read and reached >= mine:
+            # It read no other object, but kept ones, which never lead back
+            # to an object being read: the same hash anywhere.
+            ctx.memo[key] = encoded
+        parts.append(encoded)
 
     def _encode_reduced(self, value, base, step, parts):
-        """Any other object, by what it pickles as."""
+        """Any other object, by what it pickles as: like pickle, the
+        reducer ``copyreg`` registers for its type first."""
         try:
-            reduced = value.__reduce_ex__(2)
+            reducer = copyreg.dispatch_table.get(type(value))
+            if reducer is not None:
+                reduced = reducer(value)
+            else:
+                reduced = value.__reduce_ex__(2)
         except Exception as e:
             raise DigestError(
                 "cannot digest the %s found in %s at %s: it does not pickle"
@@ -463,12 +659,20 @@ class Walker:
             args = args[1:]
         else:
             parts.append(b"g%s;" % _class_name(func).encode("utf-8"))
-        self._encode(tuple(args), here, "@args", parts)
+        self._encode(tuple(args), here, _Label("/@args"), parts)
         self._encode(state, here, _HERE, parts)
         self._encode(list(listitems) if listitems is not None else None,
                      here, _HERE, parts)
-        self._encode(dict(dictitems) if dictitems is not None else None,
-                     here, _HERE, parts)
+        if dictitems is None:
+            self._encode(None, here, _HERE, parts)
+        elif isinstance(value, collections.OrderedDict):
+            # Its order is part of its value (OrderedDicts that differ in
+            # order are not equal): items as a list, in order.
+            parts.append(b"O")
+            self._encode([tuple(item) for item in dictitems], here, _HERE,
+                         parts)
+        else:
+            self._encode(dict(dictitems), here, _HERE, parts)
 
     def _bytes(self, value, base, step):
         parts = []
@@ -512,14 +716,47 @@ class _Here:
 
 
 class _KeyStep:
-    """The step of a persistent object used as a key or set member."""
+    """The step of a BTree key."""
+
+
+class _Label:
+    """A step shown as it is: a set member, an object's key."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text):
+        self.text = text
 
 
 _HERE = _Here()
 _KEY = _KeyStep()
 
 
+class _Content:
+    """The state of ordering members by content (Walker._canonical)."""
+
+    def __init__(self):
+        self.stack = []   # keys of the objects being read, outermost first
+        self.depth = {}   # key -> its index in stack
+        self.memo = {}    # key -> content hash, of objects that lead only
+        #                   to kept ones
+        self.low = 0      # the shallowest depth a cycle led back to
+        self.met = 0      # references to objects not walked yet
+        self.read = 0     # objects read for their content
+
+
 _first = operator.itemgetter(0)
+_sort_pair = operator.itemgetter(0, 1)
+_NOVALUE = object()
+
+
+def _value_step(key, encoded):
+    """The step to the value of a key that is not a string."""
+    if _shown(key):
+        return key
+    return _Label("[%s#%s]" % (
+        _class_name(type(key)).rpartition(".")[2],
+        hashlib.blake2b(encoded, digest_size=4).hexdigest()))
 
 
 def _at(base, step):
@@ -527,6 +764,8 @@ def _at(base, step):
         return base
     if step is _KEY:
         return base + "/<key>"
+    if type(step) is _Label:
+        return base + step.text
     return _step(base, step)
 
 
@@ -566,7 +805,8 @@ def compare(live, replayed, progress=None, exclude=(MARKER_KEY,)):
         ob = b._last if vb is not None else None
         if va is None and vb is None:
             break
-        if difference is None and va != vb:
+        if difference is None and (va is None or vb is None or (
+                va.class_name, va.digest) != (vb.class_name, vb.digest)):
             difference = _difference(a, b, va, vb, oa, ob)
         if va is None:
             for _ in ib:
@@ -711,8 +951,10 @@ class StateDigest(Command):
     """A journal entry recording the digest of the state after seq
     ``after``, written by ``JournaledDB(digest_interval=N)``.
 
-    It changes nothing, so a journal with digests rebuilds like any other;
-    ``zodb-journal check-replay`` compares each one with the digest of the
+    It changes nothing, and is journaled flagged as a query
+    (:func:`journal_entry`), so replay passes over it and a journal with
+    digests rebuilds like any other; ``zodb-journal check-replay`` reads
+    them from the journal and compares each one with the digest of the
     state its replay has reached at that point.
     """
 
@@ -733,3 +975,30 @@ def record(root, after):
     ``after``."""
     result = state_digest(root)
     return StateDigest(after, result.hexdigest, result.objects)
+
+
+def journal_entry(root, after):
+    """The journal record of the digest of ``root``'s state after seq
+    ``after``, as ``JournaledDB`` queues it: ``(seq, time, version, name,
+    payload, flags, metadata)``; or None when no digest can be made.
+
+    A digest is a diagnostic: whatever stops one (a value that does not
+    pickle, a dangling reference, a bug here) is logged and that digest
+    skipped, never raised into the command that happened to come at a
+    multiple of ``digest_interval``.  The record is flagged as a query,
+    since it changes nothing: replay, statistics and older zjournal
+    versions pass over it as they pass over journaled queries.
+    """
+    began = time.perf_counter()
+    try:
+        entry = record(root, after)
+        name, version, payload = commands.encode(entry)
+    except Exception as e:
+        logger.warning("no state digest after seq %d: %s: %s", after,
+                       type(e).__name__, e)
+        logger.debug("the digest after seq %d failed", after, exc_info=True)
+        return None
+    logger.debug("state digest after seq %d: %s (%d objects, %.3fs)",
+                 after, entry.digest, entry.objects,
+                 time.perf_counter() - began)
+    return (after + 1, time.time(), version, name, payload, FLAG_QUERY, None)

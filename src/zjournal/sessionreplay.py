@@ -337,15 +337,28 @@ def format_comparison(comparison):
             "mean", "p99", "")
     rows = []
     for r in comparison["commands"]:
-        ratio = r["median_ratio"]
-        verdict = ("new" if r["then_count"] is None else
-                   "gone" if r["count"] is None else
-                   "slower" if ratio > 1 + NOISE else
-                   "faster" if ratio < 1 - NOISE else "")
         rows.append((r["name"], _n(r["count"]), _n(r["then_count"]),
-                     _ms(r["median"]), _ms(r["then_median"]), _x(ratio),
-                     _x(r["mean_ratio"]), _x(r["p99_ratio"]), verdict))
+                     _ms(r["median"]), _ms(r["then_median"]),
+                     _x(r["median_ratio"]), _x(r["mean_ratio"]),
+                     _x(r["p99_ratio"]), _verdict(r)))
     return lines + _table(head, rows)
+
+
+def _verdict(row):
+    """new, gone, slower, faster or nothing, by the median.  A median
+    of 0 (a command too fast for the clock) has no ratio: no verdict."""
+    ratio = row["median_ratio"]
+    if row["then_count"] is None:
+        return "new"
+    if row["count"] is None:
+        return "gone"
+    if ratio is None:
+        return ""
+    if ratio > 1 + NOISE:
+        return "slower"
+    if ratio < 1 - NOISE:
+        return "faster"
+    return ""
 
 
 def _table(head, rows):

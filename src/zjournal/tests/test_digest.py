@@ -36,6 +36,19 @@ class Node(persistent.Persistent):
         self.__dict__.update(attrs)
 
 
+class Key:
+    """A dict key with the default repr (a memory address)."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __eq__(self, other):
+        return isinstance(other, Key) and other.n == self.n
+
+    def __hash__(self):
+        return hash(self.n)
+
+
 class Unpicklable:
 
     def __reduce_ex__(self, protocol):
@@ -594,3 +607,353 @@ def test_several_processes_record_the_state_of_their_seq(tmp_path, capsys):
             assert report["digests"]["matched"] == len(digests)
     finally:
         servers.stop()
+
+
+# -- values ZODB stores that the digest used to refuse ------------------------
+
+def test_values_pickled_through_copyreg():
+    """pickle looks in copyreg.dispatch_table before __reduce_ex__ (a
+    compiled pattern pickles only that way); so does the digest."""
+    import re
+
+    def pattern(text, flags=0):
+        return lambda r: r.update(box=Node("box", filter=re.compile(
+            text, flags)))
+
+    first = digest_of(pattern("spam+"))
+    assert first == digest_of(pattern("spam+"))
+    assert first != digest_of(pattern("spam*"))
+    assert first != digest_of(pattern("spam+", re.IGNORECASE))
+
+
+def dangling(root_fill):
+    """A committed database where the object at root["box"].child has lost
+    its record: a dangling reference, as after a bad pack or a lost
+    file."""
+    db, conn = build(root_fill)
+    child = conn.root()["box"].child
+    oid = child._p_oid
+    del db.storage._data[oid]
+    fresh = db.open(transaction.TransactionManager())
+    return db, fresh
+
+
+def test_dangling_reference_is_a_clear_error():
+    from ZODB.POSException import POSKeyError
+    db, conn = dangling(lambda r: r.update(box=Node("box", child=Node("c"))))
+    try:
+        with pytest.raises(POSKeyError):  # the damage is real
+            conn.root()["box"].child._p_activate()
+        with pytest.raises(DigestError, match="dangling") as info:
+            digest.state_digest(conn.root())
+        assert "/box/child" in str(info.value)
+    finally:
+        db.close()
+
+
+class TestJournalEntry:
+    """digest.journal_entry: what JournaledDB queues for a digest."""
+
+    def test_flagged_as_a_query_and_describing_the_state(self):
+        from zjournal import commands
+        from zjournal.format import FLAG_QUERY
+        db, conn = build(lambda r: r.update(a=Node("a")))
+        try:
+            seq, _, version, name, payload, flags, meta = (
+                digest.journal_entry(conn.root(), 7))
+            assert (seq, name, flags, meta) == (8, DIGEST_COMMAND,
+                                                FLAG_QUERY, None)
+            recorded = commands.decode(name, version, payload, seq)
+            assert recorded.after == 7
+            assert recorded.digest == digest.state_digest(
+                conn.root()).hexdigest
+        finally:
+            db.close()
+
+    def test_never_raises(self, caplog):
+        db, conn = dangling(lambda r: r.update(box=Node("box",
+                                                        child=Node("c"))))
+        try:
+            with caplog.at_level("WARNING", logger="zjournal.digest"):
+                assert digest.journal_entry(conn.root(), 3) is None
+            assert "no state digest after seq 3" in caplog.text
+            assert "dangling" in caplog.text
+        finally:
+            db.close()
+
+
+def test_a_failing_digest_never_fails_a_command(site, monkeypatch, caplog):
+    """JournaledDB(digest_interval=N): a digest that raises is logged and
+    skipped; the command, and the later ones, still commit.  (Needs
+    JournaledDB._record_digest to call digest.journal_entry.)"""
+    calls = []
+    real = digest.state_digest
+
+    def broken(root, *args, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("the walk broke")
+        return real(root, *args, **kw)
+
+    monkeypatch.setattr(digest, "state_digest", broken)
+    jdb = site.open(digest_interval=2, journal_kw={"fsync": "never"})
+    try:
+        with caplog.at_level("WARNING", logger="zjournal.digest"):
+            for i in range(4):
+                assert jdb.execute(Increment("a")) == i + 1
+        assert "the walk broke" in caplog.text
+        found = entries(jdb)
+        names = [e.command_name for e in found]
+        # seq 2's digest failed: none; seq 4 -> 3 with seq 3 the command;
+        # the next one (after seq 4) is recorded.
+        assert names.count(DIGEST_COMMAND) == 1 and len(calls) == 2
+        point = next(e for e in found if e.command_name == DIGEST_COMMAND)
+        assert point.is_query
+        assert point.args["digest"] == replayed_digest(jdb.journal,
+                                                       point.args["after"])
+    finally:
+        jdb.close()
+
+
+def test_digests_are_queries_to_replay_and_stats(site, monkeypatch):
+    """Code that does not know zjournal.state-digest (older zjournal)
+    still rebuilds, and statistics count digests as queries.  (Needs
+    JournaledDB._record_digest to journal them with FLAG_QUERY.)"""
+    from zjournal import commands
+    from zjournal import stats
+    jdb = site.open(digest_interval=3, journal_kw={"fsync": "never"})
+    try:
+        for i in range(9):
+            jdb.execute(Increment("a"))
+        journal = jdb.journal
+        found = entries(jdb)
+        digests = [e for e in found if e.command_name == DIGEST_COMMAND]
+        assert digests and all(e.is_query for e in digests)
+        summary = stats.collect(journal.entries())
+        assert summary.commands_only == 9
+        assert summary.queries == len(digests)
+        monkeypatch.delitem(commands._registry, DIGEST_COMMAND)
+        with pytest.raises(Exception):
+            commands.lookup(DIGEST_COMMAND)
+        conn = jdb.open()
+        try:
+            live = digest.state_digest(conn.root()).hexdigest
+            assert conn.root()["counters"]["a"].value == 9
+        finally:
+            conn.close()
+        assert replayed_digest(journal, None) == live
+    finally:
+        jdb.close()
+
+
+# -- references name one object; the same state gives one digest -------------
+
+def differ_and_located(fill_a, fill_b, path):
+    """The two states digest differently and compare() says where."""
+    db1, conn1 = build(fill_a)
+    db2, conn2 = build(fill_b)
+    try:
+        assert digest.state_digest(conn1.root()) != digest.state_digest(
+            conn2.root())
+        result = digest.compare(conn1.root(), conn2.root())
+        assert not result.equal
+        assert result.difference.path == path
+    finally:
+        db1.close()
+        db2.close()
+
+
+class TestReferencesAreUnique:
+    """A reference is hashed by the object's place in the walk, not by a
+    path that two objects can share."""
+
+    def test_two_persistent_keys_of_one_dict(self):
+        def fill(pick):
+            def fill_root(root):
+                p1, p2 = Node("1"), Node("2")
+                root["d"] = {p1: 0, p2: 0}
+                root["z"] = PersistentMapping(ref=(p1, p2)[pick])
+            return fill_root
+        differ_and_located(fill(0), fill(1), "/z")
+
+    def test_string_key_that_looks_like_an_index(self):
+        def fill(pick):
+            def fill_root(root):
+                p1, p2 = Node("1"), Node("2")
+                root["x"] = PersistentMapping({"a[1]": p1, "a": [None, p2]})
+                root["y"] = PersistentMapping(ref=(p1, p2)[pick])
+            return fill_root
+        differ_and_located(fill(0), fill(1), "/y")
+
+    def test_key_at_and_a_mapping_attribute(self):
+        def fill(pick):
+            def fill_root(root):
+                p1, p2 = Node("1"), Node("2")
+                m = root["m"] = PersistentMapping({"@": {"x": p1}})
+                m.x = p2
+                root["y"] = PersistentMapping(ref=(p1, p2)[pick])
+            return fill_root
+        differ_and_located(fill(0), fill(1), "/y")
+
+    def test_paths_name_one_place_and_show_no_address(self):
+        def fill(root):
+            m = root["x"] = PersistentMapping({
+                "a[1]": Node("k"), "a": [None, Node("i")], "@": Node("at"),
+                "a{0}": Node("b"), 1: Node("one")})
+            m.attr = Node("attr")
+            m["tags"] = {Node("t1"), Node("t2")}
+            m["keyed"] = {Key(1): Node("v1"), Key(2): Node("v2")}
+
+        db, conn = build(fill)
+        try:
+            paths = [v.path for v in digest.Walker(conn.root())]
+        finally:
+            db.close()
+        assert len(paths) == len(set(paths)) == 12, paths
+        assert not any("0x" in p for p in paths), paths
+        assert "/x/a%5B1]" in paths and "/x/a[1]" in paths
+        assert "/x/%40" in paths and "/x/@/attr" in paths
+
+
+def tag_site(order, junk=0, pick=0, contents=("a", "b", "c", "d")):
+    """A set of persistent tags created in ``order``, with ``junk``
+    objects allocated in between (moving id()s), and a reference to tag
+    ``pick`` that the walk meets after the set."""
+    def fill(root):
+        keep = []
+        tags = [None] * len(contents)
+        for i in order:
+            keep.append([object() for _ in range(junk)])
+            tags[i] = Node(contents[i])
+        holder = root["tags"] = PersistentMapping(members=set(tags))
+        for tag in tags:
+            tag.owner = holder
+        root["later"] = Node("later", inner=Node("inner", ref=tags[pick]))
+    return fill
+
+
+class TestSameStateSameDigest:
+
+    def test_set_of_persistent_objects(self):
+        found = {digest_of(tag_site(order, junk)).hexdigest
+                 for order, junk in [((0, 1, 2, 3), 0), ((3, 2, 1, 0), 5),
+                                     ((2, 0, 3, 1), 13), ((1, 3, 0, 2), 40),
+                                     ((0, 2, 1, 3), 7), ((3, 1, 2, 0), 2)]}
+        assert len(found) == 1
+        assert found != {digest_of(tag_site((0, 1, 2, 3), contents=(
+            "a", "b", "c", "e"))).hexdigest}
+        # which tag the deeper reference names is part of the state
+        assert found != {digest_of(tag_site((0, 1, 2, 3), pick=1))
+                         .hexdigest}
+
+    def test_identical_members_are_interchangeable(self):
+        same = ("a", "a", "b")
+        assert digest_of(tag_site((0, 1, 2), pick=0, contents=same)) == (
+            digest_of(tag_site((2, 1, 0), pick=1, contents=same)))
+        assert digest_of(tag_site((0, 1, 2), pick=0, contents=same)) != (
+            digest_of(tag_site((0, 1, 2), pick=2, contents=same)))
+
+    def test_members_in_cycles_of_objects_not_walked_yet(self):
+        def groups(order, rename=None):
+            def fill(root):
+                made = {}
+                for g in order:
+                    group = Node("g%d" % g)
+                    people = [Node("p%d%d" % (g, i)) for i in range(3)]
+                    for i, person in enumerate(people):
+                        person.group = group
+                        person.next = people[(i + 1) % 3]  # a ring
+                    if rename == g:
+                        people[1].name = "renamed"
+                    group.people = set(people)
+                    made[g] = group
+                root["groups"] = {made[g] for g in sorted(made)}
+            return fill
+
+        first = digest_of(groups([0, 1, 2]))
+        assert first == digest_of(groups([2, 0, 1]))
+        assert first == digest_of(groups([1, 2, 0]))
+        assert first != digest_of(groups([0, 1, 2], rename=1))
+
+    def test_persistent_keys_with_their_values(self):
+        def fill(order, values):
+            def fill_root(root):
+                keys = [None, None]
+                for i in order:
+                    keys[i] = Node("same")
+                root["d"] = {keys[0]: values[0], keys[1]: values[1]}
+                root["later"] = Node("l", inner=Node("i", ref=keys[0]))
+            return fill_root
+
+        first = digest_of(fill((0, 1), ("x", "y")))
+        assert first == digest_of(fill((1, 0), ("x", "y")))
+        # the key the later reference names holds "x", not "y"
+        assert first != digest_of(fill((0, 1), ("y", "x")))
+        assert first != digest_of(fill((0, 1), ("x", "x")))
+
+    def test_keys_with_the_default_repr(self):
+        db, conn = build(lambda r: r.update(
+            d=PersistentMapping({Key(1): Node("x"), Key(2): Node("y")})))
+        other = db.open(transaction.TransactionManager())
+        try:
+            assert digest.state_digest(conn.root()) == (
+                digest.state_digest(other.root()))
+        finally:
+            other.close()
+            db.close()
+
+    def test_ordered_dict_keeps_its_order(self):
+        import collections
+        ab = [("a", 1), ("b", 2)]
+        assert digest_of(lambda r: r.update(
+            o=collections.OrderedDict(ab))) != digest_of(lambda r: r.update(
+                o=collections.OrderedDict(ab[::-1])))
+        assert digest_of(lambda r: r.update(
+            o=collections.OrderedDict(ab))) == digest_of(lambda r: r.update(
+                o=collections.OrderedDict(ab)))
+        # where order is not part of the value, it is not hashed
+        assert digest_of(lambda r: r.update(
+            c=collections.Counter(dict(ab)))) == digest_of(
+                lambda r: r.update(c=collections.Counter(dict(ab[::-1]))))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.sampled_from("abc"), min_size=1, max_size=6), st.data())
+def test_tags_equal_exactly_when_the_state_is_the_same(contents, data):
+    """Tags in a set, created in two orders, with a later reference to
+    one tag on each side: the digests agree exactly when the referenced
+    tags hold the same content (then the states are the same up to
+    which object is which)."""
+    n = len(contents)
+    order_a = data.draw(st.permutations(range(n)))
+    order_b = data.draw(st.permutations(range(n)))
+    pick_a = data.draw(st.integers(0, n - 1))
+    pick_b = data.draw(st.integers(0, n - 1))
+    da = digest_of(tag_site(order_a, 3, pick_a, contents))
+    db = digest_of(tag_site(order_b, 0, pick_b, contents))
+    assert (da == db) == (contents[pick_a] == contents[pick_b])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from("ab"), st.integers(0, 5)),
+                min_size=1, max_size=6), st.data())
+def test_linked_set_members_in_any_creation_order(nodes, data):
+    """Set members that refer to each other (cycles included) the walk has
+    not reached yet: the same graph, its objects created in another
+    order, digests the same."""
+    n = len(nodes)
+
+    def fill(order, junk):
+        def fill_root(root):
+            made = [None] * n
+            keep = []
+            for i in order:
+                keep.append([object() for _ in range(junk)])
+                made[i] = Node(nodes[i][0])
+            for i, (_, target) in enumerate(nodes):
+                made[i].next = made[target % n]
+            root["s"] = PersistentMapping(members=set(made))
+        return fill_root
+
+    order = data.draw(st.permutations(range(n)))
+    assert digest_of(fill(range(n), 0)) == digest_of(fill(order, 3))

@@ -357,6 +357,33 @@ def test_compare_names_commands_only_in_one_profile(session, capsys,
     assert gone.split()[-1] == "gone"
 
 
+def test_compare_with_a_saved_median_of_zero(session, capsys, tmp_path):
+    """A saved profile whose times are 0 (a command faster than the clock
+    of the machine that made it) has no ratio: the row says so, the run
+    does not crash."""
+    saved = tmp_path / "zero.json"
+    before = profile_json(capsys, session.path, *IMPORTS)
+    zeroed = before["commands"][0]
+    for key in ("mean", "median", "p99"):
+        zeroed[key] = 0.0
+    saved.write_text(json.dumps(before))
+    status, out, err = replay(capsys, session.path, *IMPORTS, "--compare",
+                              saved)
+    assert status == 0, err
+    lines = out.splitlines()
+    table = lines[lines.index("ratio = now / then: above 1 is slower now"):]
+    row = next(l for l in table
+               if l.startswith(zeroed["name"] + " ")).split()
+    # count, then, median ms, then ms, then three ratios shown as "-"
+    # and no verdict
+    assert row[4] == "0" and row[5:] == ["-", "-", "-"]
+    now = profile_json(capsys, session.path, *IMPORTS, "--compare", saved)
+    rows = {r["name"]: r for r in now["comparison"]["commands"]}
+    assert rows[zeroed["name"]]["median_ratio"] is None
+    others = [r for n, r in rows.items() if n != zeroed["name"]]
+    assert others and all(r["median_ratio"] > 0 for r in others)
+
+
 @pytest.mark.parametrize("content, message", [
     ("not json at all", "is not JSON"),
     ('{"format": "zjournal-export", "version": 1}', "not a replay profile"),
