@@ -59,7 +59,7 @@ setup(
         # Integrations: zjournal.pyramid, zjournal.zope, the buildout recipe.
         "pyramid": ["pyramid", "pyramid_tm", "pyramid_zodbconn",
                     "pyramid_retry"],
-        "zope": ["Zope"],
+        "zope": ["Zope[wsgi]"],
         "buildout": ["zc.buildout"],
         "test": [
             "pytest",
@@ -72,7 +72,7 @@ setup(
             # the integrations and the example applications
             "pyramid", "pyramid_tm", "pyramid_zodbconn", "pyramid_retry",
             "waitress", "WebTest",
-            "Zope",
+            "Zope[wsgi]",
             "zc.buildout", "zc.recipe.egg",
         ],
         # The pages document (autodoc) and run the Pyramid integration

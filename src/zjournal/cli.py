@@ -361,15 +361,39 @@ def parse_until(text, option="--until"):
 # -- subcommands ---------------------------------------------------------
 
 def cmd_info(args):
-    with open_journal(args.journal) as journal:
-        info = journal.info()
+    # A directory made for a journal that no writer has opened yet (the
+    # buildout recipe makes it at install) is an empty journal, not a
+    # missing one; it has no identity until its first writer gives it
+    # one, and a reader must not create anything to make it look whole.
+    from zjournal.format import FORMAT_VERSION
+    from zjournal.format import LOCK_NAME
+    from zjournal.journal import writer_active
+    from zjournal.uri import parse_journal_uri
+    kind, location, _ = parse_journal_uri(args.journal)
+    if (kind == "file" and os.path.isdir(location)
+            and not set(os.listdir(location)) - {LOCK_NAME}):
+        path = os.path.abspath(location)
+        info = {"path": path, "identity": None,
+                "format_version": FORMAT_VERSION, "created": None,
+                "segments": 0, "bytes": 0, "first_seq": 1, "last_seq": 0,
+                "start_seq": 1, "pruned_before": None,
+                "archived_segments": 0, "archive": None, "torn_tail": None,
+                "writer_active": writer_active(path)}
+    else:
+        with open_journal(args.journal) as journal:
+            info = journal.info()
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True))
         return EXIT_OK
     print("journal:    %s" % info["path"])
-    print("identity:   %s" % info["identity"])
+    if info["identity"] is None:
+        print("identity:   none yet (an empty directory: the first process"
+              " that opens the journal for writing creates it)")
+    else:
+        print("identity:   %s" % info["identity"])
     print("format:     %d" % info["format_version"])
-    print("created:    %s" % iso(info["created"]))
+    if info["created"] is not None:
+        print("created:    %s" % iso(info["created"]))
     backend = info.get("backend", "file")
     if backend == "file":
         print("segments:   %d (%s bytes)" % (info["segments"],

@@ -128,13 +128,7 @@ class JournalDataManager:
 
     def commit(self, txn):
         if self.unjournaled is not None and not self.jdb.allow_unjournaled:
-            obj = self.unjournaled
-            raise UnjournaledChangeError(
-                "the transaction changed %s (oid %r) outside any journaled"
-                " command; a rebuild from the journal would lose that"
-                " change. Make it inside a zjournal.Command, or open the"
-                " JournaledDB with allow_unjournaled=True"
-                % (type(obj).__name__, getattr(obj, "_p_oid", None)))
+            raise UnjournaledChangeError.for_object(self.unjournaled)
 
     def tpc_vote(self, txn):
         """The commit point: append and sync the transaction's records."""

@@ -266,10 +266,31 @@ class UnjournaledChangeError(ZJournalError):
     """A transaction changed persistent objects outside any command.
 
     Such a change is not in the journal, so a rebuild would silently lose
-    it.  Make the change inside a :class:`zjournal.Command`, or open the
-    :class:`zjournal.JournaledDB` with ``allow_unjournaled=True`` if that
-    data may be lost on rebuild (caches, sessions).
+    it.  Make the change inside a :class:`zjournal.Command`, or allow
+    unjournaled changes if that data may be lost on rebuild (caches,
+    sessions): ``JournaledDB(..., allow_unjournaled=True)``, the
+    ``zjournal.allow_unjournaled`` setting in Pyramid, or
+    ``allow-unjournaled on`` in a ``<zjournal>`` section of ``zope.conf``.
     """
+
+    @classmethod
+    def for_object(cls, obj):
+        """The error for ``obj``, changed outside any command.
+
+        The way out depends on how the JournaledDB was set up, which the
+        data manager does not know: the message names each way, and
+        Zope's ``addzopeuser``, the usual first encounter in Zope.
+        """
+        return cls(
+            "the transaction changed %s (oid %r) outside any journaled"
+            " command; a rebuild from the journal would lose that change."
+            " Make it inside a zjournal.Command.  If such changes may be"
+            " lost, allow them: JournaledDB(..., allow_unjournaled=True),"
+            " 'zjournal.allow_unjournaled = true' in Pyramid's settings,"
+            " or 'allow-unjournaled on' in zope.conf's <zjournal> section."
+            "  (In Zope, add users with 'python -m zjournal.zope.adduser',"
+            " not addzopeuser.)"
+            % (type(obj).__name__, getattr(obj, "_p_oid", None)))
 
 
 class QueryWriteError(CommandError):

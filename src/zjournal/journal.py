@@ -486,17 +486,19 @@ class FileJournal:
 
         A directory entry is durable only once its parent is synced: a
         journal whose directory vanishes in a power loss loses everything.
+        Returns the directories created, parents first, so that a refused
+        open can take all of them away again (:meth:`close_refused`).
         """
         if os.path.isdir(path):
-            return False
+            return []
         parent = os.path.dirname(path)
-        self._make_dirs(parent)
+        made = self._make_dirs(parent)
         try:
             self._io.mkdir(path)
         except FileExistsError:
-            return False
+            return made
         self._io.sync_dir(parent)
-        return True
+        return made + [path]
 
     def _list_segments(self):
         """First seqs of the segments in the journal directory itself.
@@ -1208,11 +1210,14 @@ class FileJournal:
                 os.remove(os.path.join(self.path, name))
             except FileNotFoundError:
                 pass
-        if self._made_dir:
+        # The directory, and the parents the open created for it (a
+        # mistyped "var/journal" makes "var" too), deepest first; a
+        # directory something else has put files in since stays.
+        for path in reversed(self._made_dir or []):
             try:
-                os.rmdir(self.path)
+                os.rmdir(path)
             except OSError:
-                pass
+                return
 
     @property
     def closed(self):

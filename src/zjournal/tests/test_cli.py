@@ -306,6 +306,39 @@ def test_info_beside_a_writer_changes_nothing(tmp_path, capsys):
         jdb.close()
 
 
+def test_info_on_a_directory_no_writer_opened_yet(tmp_path, capsys):
+    # What the buildout recipe leaves at install: an empty journal, not
+    # an error; and the reader creates nothing to make it look whole.
+    jdir = tmp_path / "journal"
+    jdir.mkdir()
+    status, out, err = run(capsys, "info", jdir)
+    assert status == 0, err
+    assert "identity:   none yet" in out
+    assert "seq:        1 .. 0" in out
+    status, out, err = run(capsys, "info", "file://%s" % jdir, "--json")
+    assert status == 0, err
+    info = json.loads(out)
+    assert (info["identity"], info["last_seq"], info["segments"]) == (
+        None, 0, 0)
+    assert os.listdir(jdir) == []
+    # The first writer gives it its identity.
+    with FileJournal(str(jdir)) as journal:
+        identity = journal.identity
+    status, out, err = run(capsys, "info", jdir, "--json")
+    assert json.loads(out)["identity"] == identity
+
+
+def test_info_on_a_directory_holding_something_else_is_refused(
+        tmp_path, capsys):
+    jdir = tmp_path / "journal"
+    jdir.mkdir()
+    (jdir / "notes.txt").write_text("not a journal")
+    status, out, err = run(capsys, "info", jdir)
+    assert status == 1
+    assert "no segment files" in err
+    assert "Traceback" not in err
+
+
 def test_info_reports_torn_tail(small, capsys):
     segment = segment_paths(small.dir)[-1]
     size = os.path.getsize(segment)
@@ -1285,7 +1318,9 @@ def test_missing_journal_in_a_process(tmp_path):
 
 
 def test_directory_without_segments(tmp_path, capsys):
-    status, out, err = run(capsys, "info", tmp_path)
+    # (info reports such a directory as an empty journal: see
+    # test_info_on_a_directory_no_writer_opened_yet.)
+    status, out, err = run(capsys, "verify", tmp_path)
     assert status == 1
     assert "no segment files" in err
     assert os.listdir(str(tmp_path)) == []

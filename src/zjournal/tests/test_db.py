@@ -13,6 +13,7 @@ from zjournal.tests.examples import Fail
 from zjournal.tests.examples import Increment
 from zjournal.tests.examples import Put
 from zjournal.tests.examples import Stamp
+from zjournal.tests.helpers import snapshot
 
 
 def journal_state(jdb):
@@ -25,6 +26,18 @@ def zodb_state(jdb):
         return examples.state(conn.root())
     finally:
         conn.close()
+
+
+def tree(directory):
+    """Every directory and file below ``directory``, files with their
+    sha256: a refusal must leave it exactly as it was."""
+    # Data.fs.tmp is FileStorage's scratch file, emptied whenever the
+    # storage opens: not something a refusal of zjournal's could keep.
+    found = snapshot(directory, skip=("Data.fs.tmp",))
+    for base, dirs, _ in os.walk(directory):
+        for name in dirs:
+            found[os.path.relpath(os.path.join(base, name), directory)] = None
+    return found
 
 
 def marker_seq(jdb):
@@ -252,6 +265,20 @@ class TestUnjournaledChanges:
         assert "sneaky" not in conn.root()
         conn.close()
 
+    def test_the_refusal_names_every_way_to_allow_such_changes(self, jdb):
+        # The advice must fit however the JournaledDB was opened: by the
+        # application, by the Pyramid include, by zope.conf.
+        conn = jdb.open()
+        conn.root()["sneaky"] = 1
+        with pytest.raises(zjournal.UnjournaledChangeError) as e:
+            transaction.commit()
+        transaction.abort()
+        conn.close()
+        message = str(e.value)
+        for way in ("allow_unjournaled=True", "zjournal.allow_unjournaled",
+                    "allow-unjournaled on", "zjournal.Command"):
+            assert way in message, message
+
     def test_a_change_beside_a_command_is_refused(self, jdb):
         jdb.execute(Put("a", 1))
         with pytest.raises(zjournal.UnjournaledChangeError):
@@ -371,6 +398,41 @@ class TestLifecycle:
         with pytest.raises(zjournal.WrongJournalError):
             JournaledDB(site.db(), zjournal.FileJournal(typo))
         assert not os.path.exists(typo)
+
+    @pytest.mark.parametrize("typo", [
+        "journal2", os.path.join("var", "journal2"),
+        os.path.join("var", "lib", "journal2")])
+    def test_a_refusal_leaves_the_directory_tree_as_it_was(self, site,
+                                                            typo):
+        # A mistyped path may create parents too ("var/journal" where the
+        # instance has no var/): they are taken back with the journal.
+        jdb = site.open()
+        jdb.execute(Put("a", 1))
+        jdb.close()
+        before = tree(site.root)
+        with pytest.raises(zjournal.WrongJournalError):
+            JournaledDB(site.db(), os.path.join(site.root, typo))
+        assert tree(site.root) == before
+
+    def test_a_refusal_keeps_a_created_parent_that_is_now_in_use(
+            self, site, monkeypatch):
+        # Between the open and the refusal something else put a file in
+        # the parent the open made: that parent stays, with the file.
+        from zjournal import recovery
+        jdb = site.open()
+        jdb.execute(Put("a", 1))
+        jdb.close()
+        real = recovery.recover
+
+        def meddling(*args, **kw):
+            with open(os.path.join(site.root, "var", "other"), "w") as f:
+                f.write("x")
+            return real(*args, **kw)
+
+        monkeypatch.setattr(recovery, "recover", meddling)
+        with pytest.raises(zjournal.WrongJournalError):
+            JournaledDB(site.db(), os.path.join(site.root, "var", "j2"))
+        assert os.listdir(os.path.join(site.root, "var")) == ["other"]
 
     def test_closed_db_refuses_work(self, site):
         jdb = site.open()

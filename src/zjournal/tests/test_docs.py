@@ -16,8 +16,10 @@ import importlib.util
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
@@ -366,3 +368,70 @@ def test_cli_details_must_name_a_real_option(tmp_path):
     status, output, _ = _mini_sphinx("html", docs)
     assert status != 0
     assert "zodb-journal rebuild has no option '--no-such-option'" in output
+
+
+README = DOCS.parent / "README.rst"
+
+
+def test_readme_python_sample_runs(tmp_path):
+    # The first thing a visitor copies: it must run as written, in an
+    # empty directory, with nothing else defined.
+    if not README.is_file():
+        pytest.skip("no README.rst at %s (an installed package, not a"
+                    " checkout)" % README)
+    blocks = re.findall(r"\.\. code-block:: python\n\n((?:    .*\n|\n)+)",
+                        README.read_text())
+    assert blocks, "README.rst has no python code block"
+    script = tmp_path / "sample.py"
+    script.write_text(textwrap.dedent(blocks[0]))
+    proc = subprocess.run(
+        [sys.executable, str(script)], cwd=str(tmp_path),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        universal_newlines=True, timeout=120,
+        env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
+    assert proc.returncode == 0, proc.stdout
+    with zjournal.FileJournal(str(tmp_path / "journal"),
+                              readonly=True) as journal:
+        names = [e.command_name for e in journal.entries()]
+    assert names == ["bank.open", "bank.deposit", "bank.open",
+                     "bank.deposit", "bank.deposit"], names
+
+
+BANK = DOCS.parent / "examples" / "bank"
+CURL = re.compile(r"^\s*curl(?: -X (?P<method>\w+))?(?: -d '(?P<body>[^']*)')?"
+                  r" http://127\.0\.0\.1:6543(?P<path>\S+)\s*$")
+
+
+def test_bank_readme_curl_sequence_succeeds(tmp_path, monkeypatch):
+    # Every curl line of the example's README, in order, against the
+    # example's own ini: each must succeed (a transfer to an account the
+    # sequence never opened answers 400).
+    for name in ("pyramid_zodbconn", "pyramid_retry", "webtest"):
+        pytest.importorskip(name)
+    if not (BANK / "development.ini").is_file():
+        pytest.skip("no examples/bank at %s" % BANK)
+    import webtest
+    from pyramid.paster import get_app
+    from zjournal.pyramid import get_journaled_db
+    lines = [line for line in (BANK / "README.rst").read_text().splitlines()
+             if line.strip().startswith("curl ")]
+    calls = [CURL.match(line) for line in lines]
+    assert lines and all(calls), lines
+    monkeypatch.syspath_prepend(str(BANK))
+    ini = tmp_path / "development.ini"
+    shutil.copy(str(BANK / "development.ini"), str(ini))
+    app = get_app(str(ini))
+    try:
+        client = webtest.TestApp(app)
+        for call in calls:
+            if call.group("method") == "POST":
+                response = client.post(
+                    call.group("path"), call.group("body") or "",
+                    content_type="application/json", expect_errors=True)
+            else:
+                response = client.get(call.group("path"),
+                                      expect_errors=True)
+            assert response.status_int < 400, (call.group(0),
+                                               response.text)
+    finally:
+        get_journaled_db(app.registry).close()

@@ -36,6 +36,7 @@ from zjournal.tests.examples import Fail  # noqa: E402
 from zjournal.tests.examples import Increment  # noqa: E402
 from zjournal.tests.examples import Put  # noqa: E402
 from zjournal.tests.examples import state  # noqa: E402
+from zjournal.tests.test_db import tree  # noqa: E402
 
 EXPLICIT = "pyramid_tm.explicit_manager"
 
@@ -246,6 +247,20 @@ class TestStartup:
         # Nothing is left locked: both open again.
         site.open().close()
         zjournal.FileJournal(str(tmp_path / "other-journal")).close()
+
+    @pytest.mark.parametrize("typo", ["journal2", "var/journal2"])
+    def test_a_mistyped_journal_uri_leaves_the_disk_as_it_was(
+            self, site, settings, typo):
+        # A typo in zjournal.uri next to an existing Data.fs: the journal
+        # the open created, and the parents it created, go again.
+        jdb = site.open()
+        jdb.execute(Put("a", 1))
+        jdb.close()
+        before = tree(site.root)
+        settings["zjournal.uri"] = os.path.join(site.root, typo)
+        with pytest.raises(zjournal.WrongJournalError):
+            make_app(settings)
+        assert tree(site.root) == before
 
     def test_a_locked_journal_stops_the_application(self, site, settings):
         holder = site.journal()

@@ -528,6 +528,21 @@ class TestRecipeInSampleBuildout:
         assert recorded["journal"] == deployment.journal
         assert recorded["config"] == config
 
+    def test_info_right_after_install_reports_an_empty_journal(
+            self, sample):
+        # The recipe makes the journal's directory; no writer has opened
+        # it yet.  bin/journal info says so instead of failing, and
+        # writes nothing.
+        here = sample.sample_buildout
+        sample.write("buildout.cfg", buildout_cfg())
+        sample.system(sample.buildout)
+        proc = subprocess.run(
+            [os.path.join(here, "bin", "journal"), "info"],
+            capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert "identity:   none yet" in proc.stdout
+        assert os.listdir(os.path.join(here, "var", "journal")) == []
+
     def test_update_regenerates_the_script_and_missing_directories(
             self, sample):
         """Buildout reinstalls a part whose returned files are missing;

@@ -117,6 +117,15 @@ class Instance:
             journal.close()
 
 
+    def journal_users(self):
+        """(seq, metadata user) of every entry."""
+        journal = FileJournal(self.journal, readonly=True)
+        try:
+            return [(e.seq, e.user) for e in journal.entries()]
+        finally:
+            journal.close()
+
+
 class Server:
     """``python -m Zope2.Startup.serve etc/zope.ini``, until stopped."""
 
@@ -229,6 +238,7 @@ def test_commands_through_the_publisher_survive_restart_and_rebuild(
                            instance.conf, "mallory", "pw")
     assert refused.returncode != 0
     assert "UnjournaledChangeError" in refused.stdout, refused.stdout
+    assert "python -m zjournal.zope.adduser" in refused.stdout
     assert len(instance.journal_entries()) == 2
 
     with instance.start() as server:
@@ -251,6 +261,10 @@ def test_commands_through_the_publisher_survive_restart_and_rebuild(
         "zjexample.add_folder", "zjexample.rename"]
     assert entries[2][2]["acting_user"] == ("/acl_users", "admin")
     assert entries[4][2]["acting_user"] == ("/acl_users", "editor")
+    # Who, as the journal's metadata says: the root user folder's empty
+    # path leaves no leading space.
+    assert [user for _, user in instance.journal_users()[2:]] == [
+        "admin", "admin", "editor", "admin"]
 
     assert len(before["meta_types"]) == len(set(before["meta_types"]))
     tree = before["tree"]
@@ -490,3 +504,110 @@ def test_an_inituser_that_cannot_be_removed_stops_the_first_start(
     assert not (instance.home / "inituser").exists()
     assert [name for _, name, _ in instance.journal_entries()] == [
         "zjournal.zope.initialize", "zjournal.zope.add_user"]
+
+
+def test_an_unsalted_inituser_hash_is_journaled_as_it_is_with_a_warning(
+        instance):
+    # mkwsgiinstance writes the initial user's password as {SHA256}: a
+    # hash cannot be salted afterwards, so the journal holds it unchanged
+    # -- and startup says so.
+    from AuthEncoding.AuthEncoding import pw_encrypt
+    hashed = pw_encrypt("secret", "SHA256").decode("ascii")
+    (instance.home / "inituser").write_text("admin:%s\n" % hashed)
+    with instance.start() as server:
+        log = server.output()
+        assert "WARNING [zjournal.zope.config]" in log, log
+        assert "unsalted {SHA256} password hash" in log
+        # While the server holds the database, the scripts say so.
+        for script in ("zjournal.zope.adduser", "zjournal.zope.recover"):
+            args = ["-m", script, "-c", instance.conf]
+            if script.endswith("adduser"):
+                args += ["editor", "pw"]
+            proc = instance.run(*args)
+            assert proc.returncode == 1, proc.stdout
+            assert "the database is in use" in proc.stdout
+            assert "stop the Zope instance first" in proc.stdout
+            assert "Traceback" not in proc.stdout, proc.stdout
+    entries = instance.journal_entries()
+    assert entries[0][2]["inituser"][:2] == ("admin", hashed)
+    assert len(entries) == 1
+    # A plain-text inituser password is salted, and nothing is said.
+    other = Instance(instance.home.parent / "plain")
+    (other.home / "inituser").write_text("admin:secret\n")
+    proc = _adduser(other, "editor", "pw")
+    assert "unsalted" not in proc.stdout
+    assert other.journal_entries()[0][2]["inituser"][1].startswith("{SSHA}")
+
+
+class MadeInstance(Instance):
+    """An instance home made by a tool, not by :class:`Instance`."""
+
+    def __init__(self, home):
+        self.home = pathlib.Path(home)
+        self.journal = str(self.home / "var" / "journal")
+        self.data_fs = self.home / "var" / "Data.fs"
+        self.port = _free_port()
+        self.home.mkdir(parents=True)  # where the tools run
+
+
+def _needs_paste():
+    # The zope.ini mkwsgiinstance writes loads Paste's translogger:
+    # Zope's "wsgi" extra, which zjournal's "zope" extra asks for.
+    if importlib.util.find_spec("paste") is None and not os.environ.get(
+            "CI"):
+        pytest.skip("Paste is not installed (pip install 'Zope[wsgi]')")
+
+
+def test_the_documented_mkwsgiinstance_steps_make_a_journaled_instance(
+        tmp_path):
+    # docs/zope.rst, "Creating an instance", step by step.
+    _needs_paste()
+    made = MadeInstance(tmp_path / "zinst")
+    proc = made.run("-m", "Zope2.utilities.mkwsgiinstance", "-d",
+                    str(made.home), "-u", "admin:secret")
+    assert proc.returncode == 0, proc.stdout
+    (made.home / "inituser").unlink()
+    conf = made.home / "etc" / "zope.conf"
+    text = conf.read_text()
+    assert "instancehome $INSTANCE\n" in text
+    text = text.replace("instancehome $INSTANCE\n",
+                        "instancehome $INSTANCE\n\n%import zjournal\n", 1)
+    conf.write_text(text + "\n<zjournal journal>\n"
+                    "  uri $INSTANCE/var/journal\n  database main\n"
+                    "</zjournal>\n")
+    zcml = made.home / "etc" / "site.zcml"
+    zcml.write_text(zcml.read_text().replace(
+        "</configure>", '  <include package="zjexample" />\n</configure>'))
+    ini = made.home / "etc" / "zope.ini"
+    assert "port = 8080\n" in ini.read_text()
+    ini.write_text(ini.read_text().replace(
+        "port = 8080\n", "port = %d\n" % made.port))
+    _adduser(made, "admin", "secret")
+    with made.start() as server:
+        assert server.ok("/@@zj-add-folder?id=docs") == "/docs"
+    assert [name for _, name, _ in made.journal_entries()] == [
+        "zjournal.zope.initialize", "zjournal.zope.add_user",
+        "zjexample.add_folder"]
+    assert made.journal_entries()[1][2]["password"].startswith("{SSHA}")
+
+
+def test_make_instance_fills_the_templates_inside_the_given_directory(
+        tmp_path):
+    # examples/zope/make_instance.py, as its README uses it.
+    made = MadeInstance(tmp_path / "zj")
+    script = str(EXAMPLES / "make_instance.py")
+    proc = made.run(script, str(made.home), "--port", str(made.port))
+    assert proc.returncode == 0, proc.stdout
+    for name in ("zope.conf", "zope.ini", "site.zcml"):
+        text = (made.home / "etc" / name).read_text()
+        assert "{" not in text.replace("${", ""), (name, text)
+    assert "uri %s" % made.journal in (made.home / "etc" / "zope.conf"
+                                       ).read_text()
+    # A second run refuses to overwrite the instance.
+    again = made.run(script, str(made.home))
+    assert again.returncode != 0
+    assert "already holds an instance" in again.stdout
+    _adduser(made, "admin", "secret")
+    with made.start() as server:
+        assert server.ok("/@@zj-add-folder?id=docs") == "/docs"
+    assert sorted(os.listdir(str(tmp_path))) == ["zj"]

@@ -67,7 +67,24 @@ def execute(context, command, metadata=None):
     if isinstance(command, ZopeCommand) and \
             "acting_user" not in vars(command):
         command.acting_user = current_user()
-    return zjournal.execute(conn, command, metadata)
+    return zjournal.execute(conn, command, _with_user(conn, metadata))
+
+
+def _with_user(conn, metadata):
+    """``metadata`` with the journal's "user" as Zope users read it.
+
+    The publisher records ``"<user folder path> <user id>"`` as the
+    transaction's user, and the root user folder's path is empty: the
+    journal would show " admin".  The leading space goes; a user of a
+    deeper folder keeps the "path id" form.  Metadata that names a user
+    itself is left as it is.
+    """
+    if metadata is not None and "user" in metadata:
+        return metadata
+    user = conn.transaction_manager.get().user
+    if not user.startswith(" ") or not user.strip():
+        return metadata
+    return dict(metadata or (), user=user.lstrip(" "))
 
 
 def journaled_db(name="main"):

@@ -8,13 +8,16 @@ Zope's own ``addzopeuser`` commits its change outside any command; with
 a ``<zjournal>`` section in ``zope.conf`` that transaction is refused (a
 rebuild would lose the user).  This script starts Zope the same way,
 then journals :class:`~zjournal.zope.commands.AddUser`.  The journal
-holds the password's salted hash, never the password.  Exit status: 0
-when the user was added, 1 when zjournal refused.
+holds the password's salted hash, never the password.  Run it while
+the server is stopped: it needs the database to itself.  Exit status: 0
+when the user was added, 1 when zjournal refused or the database is in
+use.
 """
 import argparse
 import sys
 
 import transaction
+import zc.lockfile
 
 from zjournal.errors import ZJournalError
 
@@ -32,6 +35,16 @@ def close_databases():
         jdb.close()
     if Zope2.DB is not None:
         Zope2.DB.close()
+
+
+def in_use_message(prog, error):
+    """What to tell the operator when the database is locked.
+
+    FileStorage's lock (``zc.lockfile``) is what stops a second process
+    from opening an instance's database: the running server holds it.
+    """
+    return ("%s: the database is in use (%s): stop the Zope instance first"
+            % (prog, error))
 
 
 def main(argv=None):
@@ -58,6 +71,9 @@ def main(argv=None):
             close_databases()
     except ZJournalError as e:
         print("zjournal.zope.adduser: %s" % e, file=sys.stderr)
+        return 1
+    except zc.lockfile.LockError as e:
+        print(in_use_message("zjournal.zope.adduser", e), file=sys.stderr)
         return 1
     print("User %s created (journaled)." % args.user)
     return 0

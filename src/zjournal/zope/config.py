@@ -35,6 +35,7 @@ what was found.
 """
 import logging
 import os
+import re
 import stat
 
 import transaction
@@ -210,6 +211,8 @@ def _initialize_application(jdb, config):
     created = jdb.execute(commands.InitializeApplication(inituser))
     logger.info("journaled Zope's application initialization as seq %d",
                 jdb.journal.last_seq)
+    if created is not None:
+        _warn_unsalted(created, inituser[1], jdb.journal.last_seq)
     if created is not None and path is not None:
         try:
             os.remove(path)
@@ -220,6 +223,32 @@ def _initialize_application(jdb, config):
                 "the initial user is journaled (seq %d), but the inituser"
                 " file %s cannot be removed (%s); remove it before starting"
                 " Zope again" % (jdb.journal.last_seq, path, e)) from e
+
+
+#: Password schemes of AuthEncoding that use no salt.  mkwsgiinstance
+#: writes {SHA256}; a hash like that, journaled, is kept as long as the
+#: journal and falls to a precomputed table.
+UNSALTED_SCHEMES = ("SHA", "SHA256", "MYSQL")
+
+
+def _warn_unsalted(name, password_hash, seq):
+    """Say so when the journal now holds an unsalted password hash.
+
+    A password hash from the inituser file is journaled unchanged (a
+    hash cannot be salted afterwards); the warning is the operator's
+    chance to replace it while that is still simple.
+    """
+    match = re.match(r"\{([^}]+)\}", password_hash)
+    if match is None or match.group(1).upper() not in UNSALTED_SCHEMES:
+        return
+    logger.warning(
+        "the inituser file gave user %r an unsalted {%s} password hash,"
+        " now journaled (seq %d) and kept in the append-only journal for"
+        " good, where such a hash is easy to crack.  For a new instance:"
+        " stop it, remove its journal and Data.fs, and create the user"
+        " with 'python -m zjournal.zope.adduser' (a salted {SSHA} hash)"
+        " or an inituser file holding the password in plain text"
+        " (zjournal salts it)", name, match.group(1), seq)
 
 
 def _check_removable(path):

@@ -13,11 +13,14 @@ switching the server over, or to see what the next startup would find,
 without holding the server's port.
 
 Exit status: 0 when every guarded database is current, 1 when zjournal
-refused (the message says why), 2 when no ``<zjournal>`` section is
+refused (the message says why) or the database is in use (the server
+runs: stop it first), 2 when no ``<zjournal>`` section is
 configured.
 """
 import argparse
 import sys
+
+import zc.lockfile
 
 from zjournal.errors import ZJournalError
 
@@ -32,12 +35,16 @@ def main(argv=None):
     args = parser.parse_args(argv)
     from Zope2.utilities.finder import ZopeFinder
     from zjournal.zope.adduser import close_databases
+    from zjournal.zope.adduser import in_use_message
     from zjournal.zope.config import journaled_dbs
     try:
         app = ZopeFinder([sys.argv[0]]).get_app(
             config_file=args.configuration)
     except ZJournalError as e:
         print("zjournal.zope.recover: %s" % e, file=sys.stderr)
+        return 1
+    except zc.lockfile.LockError as e:
+        print(in_use_message("zjournal.zope.recover", e), file=sys.stderr)
         return 1
     try:
         app._p_jar.close()
