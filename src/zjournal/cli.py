@@ -167,7 +167,9 @@ def _parser():
                    help="also decode every payload (safe: no code runs)")
     p.add_argument("--zodb", metavar="PATH_OR_URI",
                    help="also check that this ZODB (opened read-only) was"
-                        " built from this journal and this history")
+                        " built from this journal and this history; a"
+                        " directory is a repozo repository, whose last"
+                        " backup is checked")
     _key_option(p, "check record signatures with the key in environment"
                    " variable VAR (default: %s, when set)" % HMAC_KEY_ENV)
     p.set_defaults(run=cmd_verify)
@@ -529,11 +531,23 @@ def check_zodb(spec, journal, report):
                   % (where, applied, last - applied))
 
 
-def read_marker(spec):
+def read_marker(spec, backup_date=None):
     """``(journal_id, last_seq, head)`` of a ZODB's marker, or None.
 
-    The ZODB is opened read-only: checking must not change it.
+    The ZODB is opened read-only: checking must not change it.  A
+    directory is taken for a repozo repository: its last backup (or the
+    last at or before ``backup_date``, repozo's own date format) is
+    recovered into a temporary file, read, and thrown away -- what an
+    operator checking each night's backup against the journal needs.
     """
+    if "://" not in spec and os.path.isdir(spec):
+        import tempfile
+        from zjournal.restore import _repozo_recover
+        with tempfile.TemporaryDirectory(prefix="zjournal-backup-") as tmp:
+            data_fs = os.path.join(tmp, "Data.fs")
+            used = _repozo_recover(spec, data_fs, backup_date)
+            logger.info("read the marker of %s", used)
+            return read_marker(data_fs)
     import ZODB
     from zjournal.marker import get_marker
     storage = open_storage_readonly(spec)
@@ -560,9 +574,18 @@ def read_marker(spec):
 def open_storage_readonly(spec):
     if "://" not in spec:
         import ZODB.FileStorage
+        # The module, not the class the package re-exports by that name.
+        from ZODB.FileStorage.FileStorage import FileStorageError
         if not os.path.isfile(spec):
             raise CLIError("no ZODB at %s (no such file)" % spec)
-        return ZODB.FileStorage.FileStorage(spec, read_only=True)
+        try:
+            return ZODB.FileStorage.FileStorage(spec, read_only=True)
+        except FileStorageError as e:
+            raise CLIError(
+                "%s is not a FileStorage (%s): name a Data.fs, a full"
+                " repozo backup (.fs), a repozo repository (a directory) or"
+                " a zodburi URI; incremental backups (.deltafs) and index"
+                " files are not databases" % (spec, e)) from e
     try:
         import zodburi
     except ImportError:

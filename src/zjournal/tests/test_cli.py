@@ -1341,3 +1341,32 @@ def test_dump_shows_arguments_that_refer_to_themselves(tmp_path, capsys):
         assert status == 0, err
         assert "Traceback" not in err
         assert out.count("\n") == 1
+
+
+def test_verify_zodb_reads_a_repozo_repository(small, tmp_path, capsys):
+    repository = tmp_path / "backups"
+    repository.mkdir()
+    subprocess.run([sys.executable, "-m", "ZODB.scripts.repozo", "-B",
+                    "-f", small.data_fs, "-r", str(repository)],
+                   check=True, timeout=120)
+    before = snapshot(str(repository))
+    status, out, err = run(capsys, "verify", small.dir, "--zodb",
+                           repository)
+    assert status == 0, out + err
+    assert "is current: seq %d" % small.last_seq in out
+    assert snapshot(str(repository)) == before
+    # A repository of another journal's backups fails like its Data.fs.
+    status, out, err = run(capsys, "verify", small.dir, "--zodb",
+                           tmp_path / "empty-backups")
+    assert status == 1
+    assert "no ZODB at" in err
+
+
+def test_verify_zodb_on_a_file_that_is_no_filestorage(small, tmp_path,
+                                                      capsys):
+    path = tmp_path / "backup.deltafs"
+    path.write_bytes(b"not a FileStorage at all\n")
+    status, out, err = run(capsys, "verify", small.dir, "--zodb", path)
+    assert status == 1
+    assert "Traceback" not in err
+    assert "is not a FileStorage" in err
