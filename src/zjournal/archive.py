@@ -43,6 +43,7 @@ segments pruned are never written again, and a reader that lists a
 segment just before it moves into the archive finds it there.  Two
 prunes at once are kept apart by ``prune.lock``.
 """
+import fcntl
 import gzip
 import json
 import logging
@@ -50,6 +51,7 @@ import os
 import sys
 import tempfile
 import time
+import urllib.parse
 
 import zc.lockfile
 
@@ -143,6 +145,11 @@ class Plan:
                 " seq %d..%d are gone from the journal for good"
                 % (self.covered_seq, self.segments[0].first,
                    self.segments[-1].last))
+            lines.append(
+                "consequence: zodb-journal check-replay, and replay or"
+                " rebuild from seq 1, stop working on this journal: they"
+                " need every record from seq 1 (archive instead of removing"
+                " to keep them)")
         return lines
 
 
@@ -240,6 +247,7 @@ def covered_seq(journal, spec, backup_date=None):
     else:
         if backup_date:
             raise CLIError("--backup-date applies to a repozo repository")
+        _refuse_live(spec)
         marker = cli.read_marker(spec)
         described = spec
     if marker is None:
@@ -268,6 +276,39 @@ def covered_seq(journal, spec, backup_date=None):
                 " of this journal, and covers none of it"
                 % (spec, applied, head.hex(), applied, found.hex()))
     return applied, described
+
+
+def _refuse_live(spec):
+    """A ZODB another process has open is a live database, not a backup.
+
+    Its marker says what it holds now, but the segments pruned on its
+    word would be lost with it: the disk failure a backup guards against
+    takes both.  FileStorage holds ``<file>.lock`` while open for
+    writing; the lock is tried with ``flock`` on a read-only descriptor
+    and released at once, so nothing is written or created.
+    """
+    if "://" in spec:
+        if not spec.startswith("file://"):
+            return  # a server's storage: nothing to tell from here
+        spec = urllib.parse.urlsplit(spec).path
+    lock_path = spec + ".lock"
+    try:
+        fd = os.open(lock_path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return  # no lock file: nobody has it open
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise PruneError(
+                "%s is open for writing by another process (%s is"
+                " locked): it is a live database, not a backup, and"
+                " segments pruned on its word would be lost with it; give"
+                " --covered-by a repozo repository or a copy of the ZODB"
+                " (one that nothing writes to)" % (spec, lock_path)) from None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 def plan(journal, covered, covered_by, action, archive_dir=None):
@@ -309,13 +350,24 @@ def _refuse_second_archive(journal, recorded, target):
     default = os.path.join(os.path.abspath(journal.path), ARCHIVE_DIR)
     for place in dict.fromkeys((recorded, default, target)):
         found = list_archived(place)
-        if found:
+        if not found:
+            continue
+        first = os.path.basename(found[min(found)])
+        if place == recorded:
             raise PruneError(
-                "journal %s keeps its archive in %s, but %s already holds"
-                " %d archived segments (the first: %s); archive into %s (one"
-                " archive per journal), or move the archived segments there"
-                " first" % (journal.path, recorded, place, len(found),
-                            os.path.basename(found[min(found)]), recorded))
+                "you asked to archive into %s, but journal %s keeps its"
+                " archive in %s (%d archived segments, the first: %s), and"
+                " a journal has one archive, because readers look in one"
+                " place: run prune without DIR (or with --archive %s)"
+                % (target, journal.path, recorded, len(found), first,
+                   recorded))
+        raise PruneError(
+            "you asked to archive into %s; journal %s keeps its archive in"
+            " %s, but %s holds %d archived segments (the first: %s) that"
+            " readers do not look for there, and a journal has one archive:"
+            " move them into %s, then run prune without DIR (or with"
+            " --archive %s)" % (target, journal.path, recorded, place,
+                                len(found), first, recorded, recorded))
 
 
 # -- doing it ---------------------------------------------------------------

@@ -35,6 +35,7 @@ import time
 
 import transaction
 
+from zjournal import commands
 from zjournal import digest
 from zjournal.digest import DIGEST_COMMAND
 from zjournal.digest import SCHEME
@@ -170,7 +171,7 @@ class Report:
 
 
 def check_replay(journal, live_db, scratch_db, batch_size=1000,
-                 progress=None, walk_progress=None, label=None):
+                 progress=None, walk_progress=None, label=None, known=None):
     """Replay ``journal`` into the empty ``scratch_db`` up to the live
     marker's seq and compare; return a :class:`Report`.
 
@@ -178,7 +179,16 @@ def check_replay(journal, live_db, scratch_db, batch_size=1000,
     of its journal, a command the code does not know) raise the
     :mod:`zjournal.errors` class that says so, before anything is
     replayed.
+
+    ``known``: the command names registered before the live ZODB was
+    opened (default: those registered when this is called).  Loading the
+    live root imports the modules of the classes stored there, and they
+    may register commands that the modules a rebuild imports do not:
+    only names registered beforehand count, so that a check that passes
+    means a rebuild with the same imports passes.
     """
+    if known is None:
+        known = frozenset(commands.registered_names())
     live_tm = transaction.TransactionManager()
     live_conn = live_db.open(live_tm)
     try:
@@ -190,8 +200,8 @@ def check_replay(journal, live_db, scratch_db, batch_size=1000,
         # divergence.  The same pass collects the recorded digests:
         # replay passes over them (they are flagged as queries).
         recorded = []
-        check_replayable(_collect_digests(
-            journal.entries(1, marker.last_seq + 1), recorded))
+        _check_decodable(_collect_digests(
+            journal.entries(1, marker.last_seq + 1), recorded), known)
         with _scratch(scratch_db, journal) as (tm, conn):
             _replay(report, journal, tm, conn, batch_size, progress,
                     recorded)
@@ -203,6 +213,36 @@ def check_replay(journal, live_db, scratch_db, batch_size=1000,
         live_conn.close()
     report.divergence = _divergence(journal, report)
     return report
+
+
+def _check_decodable(entries, known):
+    """Refuse, before replaying, an entry the code cannot decode.
+
+    A name outside ``known`` is refused even if opening the live ZODB
+    has since registered it: a rebuild would not have it.
+    """
+    def only_known(entries):
+        for entry in entries:
+            if not entry.is_query and entry.command_name not in known:
+                raise CheckReplayError(
+                    "seq %d of the journal is command %r, which none of the"
+                    " --import modules defines; found before anything was"
+                    " replayed, so nothing was compared. A rebuild or replay"
+                    " with the same --import would stop there: add --import"
+                    " for the module that defines it (opening the live ZODB"
+                    " may import it for its stored classes, which is why"
+                    " check-replay does not count on that)"
+                    % (entry.seq, entry.command_name))
+            yield entry
+    try:
+        check_replayable(only_known(entries))
+    except ReplayError as e:
+        cause = e.__cause__
+        raise CheckReplayError(
+            "seq %d of the journal (%s) cannot be decoded by this code;"
+            " found before anything was replayed, so nothing was compared:"
+            " %s" % (e.seq, e.command_name,
+                     cause if cause is not None else e)) from cause
 
 
 def _live_marker(root, journal, label):
@@ -311,9 +351,11 @@ def _check_history(marker, journal, label):
     start = getattr(journal, "start_seq", 1)
     if start > 1:
         raise CheckReplayError(
-            "journal %s starts at seq %d (its older records were archived"
-            " or pruned); check-replay replays from seq 1: check against a"
-            " journal that still holds every record" % (journal.path, start))
+            "journal %s starts at seq %d: zodb-journal prune --remove"
+            " deleted its records before that (archived segments would"
+            " still be read), and check-replay replays from seq 1: check"
+            " against a copy of the journal taken before the removal"
+            % (journal.path, start))
     if marker.journal_id != journal.identity:
         raise WrongJournalError(
             "the live ZODB %s was built from journal %s, but journal %s is"
@@ -369,6 +411,8 @@ def cmd_check_replay(args):
     from zjournal import cli
     from zjournal.recovery import Progress
     cli.import_modules(args.imports)
+    # Before the live ZODB is opened: see check_replay's ``known``.
+    known = frozenset(commands.registered_names())
     if args.batch_size < 1:
         raise cli.CLIError("--batch-size must be at least 1")
     tty = sys.stderr.isatty()
@@ -389,7 +433,7 @@ def cmd_check_replay(args):
                     journal, live_db, scratch_db, args.batch_size,
                     progress=progress,
                     walk_progress=WalkProgress("check-replay digest", tty),
-                    label=args.zodb)
+                    label=args.zodb, known=known)
             finally:
                 progress.close()
                 scratch_db.close()

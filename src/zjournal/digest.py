@@ -95,9 +95,12 @@ SCHEME = "zjournal-digest-2"
 #: Objects hashed between two trims of the connection's cache.
 GC_EVERY = 1000
 
+#: Items of one BTree between two progress reports from inside it.
+TREE_PROGRESS = 10000
+
 #: Objects waiting to be walked that are held in memory (as ghosts, most
 #: of them); beyond this, only their oids are.
-PENDING_OBJECTS = 100000
+PENDING_OBJECTS = 20000
 
 #: Objects not walked yet that the content hash of one set member or
 #: dict key (see the module's docstring) may read before giving up.
@@ -181,14 +184,22 @@ class WalkProgress:
         self.began = self.shown = time.perf_counter()
         self.written = False
 
-    def __call__(self, objects, done=False):
+    def __call__(self, objects, done=False, items=None):
         now = time.perf_counter()
+        if objects == 0 and not done and items is None:
+            # A walk starting: made before a long replay, this reporter
+            # would otherwise count the replay's time in the walk's rate.
+            self.began = self.shown = now
+            return
         if now - self.shown < self.interval and not (done and self.written):
             return
         self.shown = now
         text = "%s: %s objects (%.0f/s)" % (
             self.label, format(objects, ","),
             objects / max(now - self.began, 1e-9))
+        if items is not None:
+            # One large BTree is one object: say the walk is inside it.
+            text += ", in a BTree: %s items read" % format(items, ",")
         if self.tty:
             self.stream.write("\r" + text + ("\n" if done else ""))
             self.stream.flush()
@@ -263,7 +274,10 @@ class Walker:
     whole state.  ``root`` may be the root of a connection in the middle
     of a transaction: objects changed or added by the transaction are
     hashed as they are in memory.  ``progress(objects, done=False)`` is
-    called every ``gc_every`` objects and at the end.
+    called with 0 when the walk starts, every ``gc_every`` objects and at
+    the end, and
+    ``progress(objects, items=N)`` every :data:`TREE_PROGRESS` items of
+    a BTree being hashed (a large one is one object, but much of a walk).
     """
 
     def __init__(self, root, progress=None, exclude=(MARKER_KEY,),
@@ -276,7 +290,9 @@ class Walker:
         self.objects = 0
         self.hexdigest = None
         self._index = {}       # object key -> its position in the walk
-        self._paths = {}       # object key -> the path it was found by
+        # position -> the path it was found by: a list, not a second dict
+        # keyed like _index (a walk keeps both for every object).
+        self._paths = []
         self._alias = {}       # position -> that of an identical member
         self._next = 0         # the position the next object found gets
         self._pending = collections.deque()
@@ -290,6 +306,8 @@ class Walker:
         self._last = None
 
     def __iter__(self):
+        if self.progress is not None:
+            self.progress(0)  # the walk starts now: rates count from here
         self._discover(self.root, "")
         pending = self._pending
         while pending:
@@ -338,7 +356,7 @@ class Walker:
             return None
         index = self._index[key] = self._next
         self._next += 1
-        self._paths[key] = path
+        self._paths.append(path)
         if (type(key) is bytes and obj._p_changed is not True
                 and len(self._pending) >= PENDING_OBJECTS):
             # Saved and unchanged, and many objects wait already: get it
@@ -405,26 +423,46 @@ class Walker:
     def _encode_tree(self, tree, path, parts, h):
         mapping = IDictionaryIsh.providedBy(tree)
         parts.append(b"B" if mapping else b"S")
+        # A large tree is one object of the walk but many buckets: trim
+        # the cache as the walk goes through it, or every bucket (and the
+        # ghost of every object its values refer to) stays loaded until
+        # the whole tree is hashed.  Only at the top of a visit: there no
+        # state of another object is being read.
+        top = (tree is self._current and self._seen is None
+               and not self._probe)
+        step = self.gc_every
         if mapping:
-            for key, value in tree.items():
+            for n, (key, value) in enumerate(tree.items(), 1):
                 if type(key) is str or _shown(key):
                     self._encode(key, path, _KEY, parts)
-                    step = key
+                    at = key
                 else:
                     encoded = self._bytes(key, path, _KEY)
                     parts.append(encoded)
-                    step = _value_step(key, encoded)
-                self._encode(value, path, step, parts)
+                    at = _value_step(key, encoded)
+                self._encode(value, path, at, parts)
                 if len(parts) > 4096:
                     h.update(b"".join(parts))
                     del parts[:]
+                if top and n % step == 0:
+                    self._inside_tree(n)
         else:
-            for key in tree.keys():
+            for n, key in enumerate(tree.keys(), 1):
                 self._encode(key, path, _KEY, parts)
                 if len(parts) > 4096:
                     h.update(b"".join(parts))
                     del parts[:]
+                if top and n % step == 0:
+                    self._inside_tree(n)
         parts.append(b"E")
+
+    def _inside_tree(self, items):
+        """Every ``gc_every`` items of a tree being visited: trim the
+        cache, and report progress every ``TREE_PROGRESS`` items."""
+        if self.jar is not None:
+            self.jar.cacheGC()
+        if self.progress is not None and items % TREE_PROGRESS == 0:
+            self.progress(self.objects, items=items)
 
     # -- the canonical encoding ------------------------------------------
 
@@ -703,7 +741,8 @@ class Walker:
         if t in (set, frozenset):
             return t(self._plain(v, depth + 1) for v in value)
         if isinstance(value, persistent.Persistent):
-            path = self._paths.get(self._key(value))
+            index = self._index.get(self._key(value))
+            path = None if index is None else self._paths[index]
             return _Unknown(value) if path is None else _Ref(path)
         return value
 
@@ -827,9 +866,12 @@ class _Side:
         self.progress = progress
         self.side = side
 
-    def __call__(self, objects, done=False):
+    def __call__(self, objects, done=False, items=None):
         if self.side == "live":
-            self.progress(objects, done)
+            if items is None:
+                self.progress(objects, done)
+            else:
+                self.progress(objects, done, items=items)
 
 
 _SHOW = 160

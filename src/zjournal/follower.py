@@ -817,6 +817,50 @@ def write_status(path, status):
         raise
 
 
+def check_status_file(path):
+    """Refuse, before following, a status file that cannot be written.
+
+    Writing it later only logs a warning (a monitor's file must not stop
+    the replica), so a typo in the path would otherwise go unnoticed
+    until someone looks for the file.
+    """
+    if os.path.isdir(path):
+        raise FollowerError("--status-file %s is a directory; give a file"
+                            " path" % path)
+    part = "%s.%d.tmp" % (path, os.getpid())
+    try:
+        with open(part, "w", encoding="utf-8"):
+            pass
+        os.remove(part)
+    except OSError as e:
+        raise FollowerError(
+            "cannot write --status-file %s (%s): the follower writes the"
+            " file beside it and renames it into place, so its directory"
+            " must exist and be writable" % (path, e.strerror or e)) from e
+
+
+def _missing_files(spec):
+    """The files of a FileStorage replica that do not exist yet: the ones
+    to remove if the follower refuses it before applying anything."""
+    if "://" in spec:
+        if not spec.startswith("file://"):
+            return []
+        import urllib.parse
+        spec = urllib.parse.urlsplit(spec).path
+    return [spec + suffix for suffix in (".index", ".lock", ".tmp", "")
+            if not os.path.exists(spec + suffix)]
+
+
+def _remove_files(paths):
+    for path in paths:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            logger.warning("could not remove %s: %s", path, e)
+
+
 # -- opening the replica -----------------------------------------------------
 
 def open_replica(spec):
@@ -827,7 +871,16 @@ def open_replica(spec):
     try:
         if "://" not in spec:
             import ZODB.FileStorage
-            return ZODB.DB(ZODB.FileStorage.FileStorage(spec))
+            from ZODB.FileStorage.FileStorage import FileStorageError
+            from ZODB.FileStorage.format import CorruptedError
+            try:
+                return ZODB.DB(ZODB.FileStorage.FileStorage(spec))
+            except (FileStorageError, CorruptedError) as e:
+                raise FollowerError(
+                    "the replica %s is not a FileStorage this follower can"
+                    " use (%s: %s): give --zodb the Data.fs file itself"
+                    " (not its .index, .lock or .tmp), or a new path for an"
+                    " empty replica" % (spec, type(e).__name__, e)) from e
         try:
             import zodburi
         except ImportError:
@@ -901,24 +954,37 @@ def cmd_follow(args):
     if args.batch_size < 1:
         raise CLIError("--batch-size must be at least 1")
     import_modules(args.imports)
+    if args.status_file is not None:
+        check_status_file(args.status_file)
     if args.verbose == 0:
         # A follower runs for months: its lag lines are its output.
         logger.setLevel(logging.INFO)
     with open_journal(args.journal) as journal:
-        db = open_replica(args.zodb)
+        # A replica refused at start is left as it was found: the files
+        # opening it created go again, as a failed restore's do.
+        created = _missing_files(args.zodb)
+        follower = None
         try:
-            follower = Follower(
-                journal, db, batch_size=args.batch_size,
-                interval=args.interval, lag_report=args.lag_report,
-                status_file=args.status_file, replica=args.zodb,
-                listen=args.listen)
+            db = open_replica(args.zodb)
             try:
-                with stop_on_signals(follower):
-                    follower.run(once=args.once)
+                follower = Follower(
+                    journal, db, batch_size=args.batch_size,
+                    interval=args.interval, lag_report=args.lag_report,
+                    status_file=args.status_file, replica=args.zodb,
+                    listen=args.listen)
+                try:
+                    with stop_on_signals(follower):
+                        follower.run(once=args.once)
+                finally:
+                    follower.close()
             finally:
-                follower.close()
-        finally:
-            db.close()
+                db.close()
+        except ReplicaLockedError:
+            raise  # another process's files: not ours to remove
+        except BaseException:
+            if follower is None or follower.applied_seq is None:
+                _remove_files(created)
+            raise
     print("replica %s at seq %d; %s commands applied" % (
         args.zodb, follower.applied_seq, format(follower.applied, ",")),
         file=sys.stderr)

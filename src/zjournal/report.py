@@ -31,6 +31,7 @@ import html
 import os
 
 from zjournal import stats
+from zjournal.errors import ZJournalError
 from zjournal.export import iso
 
 #: The chart's period is the shortest of these (seconds) that draws the
@@ -181,9 +182,17 @@ def collect(entries, by="command", since=None, until=None, progress=None,
 
 # -- writing -----------------------------------------------------------------
 
+class ReportWriteError(ZJournalError):
+    """The report file cannot be written where it was asked for."""
+
+
 def write(path, text):
     """Write ``text`` to ``path`` through a temporary file renamed over it:
-    a reader never sees half a report, and a failure leaves the old one."""
+    a reader never sees half a report, and a failure leaves the old one.
+
+    The temporary file is an implementation detail: an error names the
+    file that was asked for.
+    """
     part = path + ".part"
     try:
         fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
@@ -192,11 +201,17 @@ def write(path, text):
             f.flush()
             os.fsync(f.fileno())
         os.replace(part, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.remove(part)
-        except FileNotFoundError:
+        except OSError:
             pass
+        if isinstance(e, OSError):
+            directory = os.path.dirname(os.path.abspath(path))
+            hint = ("" if os.path.isdir(directory) else
+                    " (the directory %s does not exist)" % directory)
+            raise ReportWriteError("cannot write the report %s: %s%s" % (
+                path, e.strerror or e, hint)) from e
         raise
 
 

@@ -81,6 +81,7 @@ class Timings:
         self.start_seq = start_seq or 0
         self.start_time = start_time
         self.samples = {}
+        self.before = set()   # names run before the window opened
         self.executed = 0
         self.execute_seconds = 0.0
         self.first_seq = self.last_seq = None
@@ -89,9 +90,11 @@ class Timings:
         self.executed += 1
         self.execute_seconds += seconds
         if entry.seq < self.start_seq:
+            self.before.add(entry.name)
             return
         if self.start_time is not None:
             if _utc(entry.time) < self.start_time:
+                self.before.add(entry.name)
                 return
             # Times may interleave a little (commands of concurrent
             # processes are journaled by commit); the window starts at
@@ -105,6 +108,11 @@ class Timings:
         if self.first_seq is None:
             self.first_seq = entry.seq
         self.last_seq = entry.seq
+
+    def unprofiled(self):
+        """Names that ran only before the profile began: a comparison
+        must not call them gone."""
+        return sorted(self.before.difference(self.samples))
 
     def rows(self):
         """One summary per command name, the costliest first."""
@@ -178,6 +186,7 @@ def replay_session(journal, db, start=None, until=None, batch_size=1000,
         "profiled": sum(r["count"] for r in rows),
         "profiled_seconds": math.fsum(r["total"] for r in rows),
         "commands": rows,
+        "unprofiled_names": timings.unprofiled(),
     }
 
 
@@ -241,10 +250,15 @@ def compare(now, then):
     fault moves a mean and a p99, not a median.
     """
     before = {r["name"]: r for r in then["commands"]}
+    # Profiles saved before unprofiled_names existed say nothing here.
+    ran_before_now = set(now.get("unprofiled_names") or ())
+    ran_before_then = set(then.get("unprofiled_names") or ())
     rows = []
     for r in now["commands"]:
         old = before.pop(r["name"], None)
         rows.append({
+            "not_profiled_then": old is None and r["name"] in ran_before_then,
+            "not_profiled_now": False,
             "name": r["name"], "count": r["count"],
             "then_count": old["count"] if old else None,
             "mean": r["mean"], "then_mean": old["mean"] if old else None,
@@ -255,6 +269,8 @@ def compare(now, then):
             "p99_ratio": _ratio(r["p99"], old and old["p99"])})
     for old in sorted(before.values(), key=lambda r: -r["total"]):
         rows.append({
+            "not_profiled_then": False,
+            "not_profiled_now": old["name"] in ran_before_now,
             "name": old["name"], "count": None, "then_count": old["count"],
             "mean": None, "then_mean": old["mean"], "median": None,
             "then_median": old["median"], "mean_ratio": None,
@@ -334,7 +350,7 @@ def format_comparison(comparison):
         _x(comparison["wall_ratio"]), _x(comparison["execute_ratio"])))
     lines.append("")
     head = ("command", "count", "then", "median ms", "then ms", "median",
-            "mean", "p99", "")
+            "mean", "p99", "verdict")
     rows = []
     for r in comparison["commands"]:
         rows.append((r["name"], _n(r["count"]), _n(r["then_count"]),
@@ -346,12 +362,17 @@ def format_comparison(comparison):
 
 def _verdict(row):
     """new, gone, slower, faster or nothing, by the median.  A median
-    of 0 (a command too fast for the clock) has no ratio: no verdict."""
+    of 0 (a command too fast for the clock) has no ratio: no verdict.
+
+    A name in one profile only may have run in the other replay before
+    its profile began (``--start``): that is "not profiled", not new or
+    gone.
+    """
     ratio = row["median_ratio"]
     if row["then_count"] is None:
-        return "new"
+        return "not profiled then" if row.get("not_profiled_then") else "new"
     if row["count"] is None:
-        return "gone"
+        return "not profiled" if row.get("not_profiled_now") else "gone"
     if ratio is None:
         return ""
     if ratio > 1 + NOISE:

@@ -174,6 +174,35 @@ class TestPlan:
         assert site.ranges[-2][0] in listed
         assert site.ranges[-1][0] not in listed
 
+    def test_the_live_database_is_no_backup(self, site, capsys):
+        before = snapshot(site.journal_dir)
+        jdb = site.open()
+        try:
+            lock_before = open(site.data_fs + ".lock", "rb").read()
+            for action in ("--archive", "--remove"):
+                status, out, err = run(capsys, "prune", site.journal_dir,
+                                       "--covered-by", site.data_fs,
+                                       action, "--yes")
+                assert status == 1 and out == ""
+                assert ("%s is open for writing by another process"
+                        % site.data_fs) in err
+                assert "it is a live database, not a backup" in err
+            # A copy is a backup, the writer running or not.
+            status, out, err = prune(capsys, site, "--archive", "--dry-run")
+            assert status == 0 and "will archive" in out, err
+            # The check wrote nothing into the writer's lock file.
+            assert open(site.data_fs + ".lock", "rb").read() == lock_before
+            jdb.execute(Increment("n"))   # the writer is undisturbed
+        finally:
+            jdb.close()
+        assert snapshot(site.journal_dir) != before  # the writer's record
+        # Once nothing has it open, it is as good a copy as any.
+        status, out, err = run(capsys, "prune", site.journal_dir,
+                               "--covered-by", site.data_fs, "--dry-run",
+                               "--archive")
+        assert status == 0, err
+        assert "will archive" in out
+
     def test_backup_of_another_journal(self, site, capsys, tmp_path):
         other = Site(tmp_path / "other")
         os.makedirs(other.root)
@@ -358,6 +387,25 @@ class TestRemove:
         last = site.run(3)
         assert read_zodb(site.data_fs)[1] == last
 
+    def test_check_replay_is_a_stated_consequence(self, site, capsys):
+        # Archived segments are still read: check-replay works.
+        assert prune(capsys, site, "--archive", "--yes")[0] == 0
+        check = ("check-replay", site.journal_dir, "--zodb", site.data_fs,
+                 "--import", EXAMPLES)
+        status, out, err = run(capsys, *check)
+        assert status == 0, out + err
+        status, out, err = prune(capsys, site, "--remove", "--dry-run")
+        assert status == 0, err
+        assert ("consequence: zodb-journal check-replay, and replay or"
+                " rebuild from seq 1, stop working" in out)
+        assert prune(capsys, site, "--remove", "--yes")[0] == 0
+        kept_from = site.ranges[len(site.covered)][1]
+        status, out, err = run(capsys, *check)
+        assert status == 1 and out == ""
+        assert "starts at seq %d: zodb-journal prune --remove deleted" % (
+            kept_from) in err
+        assert "archived or pruned" not in err
+
     def test_reading_tools_start_where_the_journal_starts(self, site,
                                                           capsys):
         status, out, err = prune(capsys, site, "--remove", "--yes")
@@ -525,8 +573,13 @@ class TestOneArchivePlace:
                                "--covered-by", newer, "--archive", cold,
                                "--yes")
         assert status == 1
-        assert "one archive per journal" in err
-        assert os.path.join(site.journal_dir, "archive") in err
+        archive = os.path.join(site.journal_dir, "archive")
+        # The message names both the directory asked for and the one to
+        # use, and says how to use it.
+        assert "you asked to archive into %s, but journal" % cold in err
+        assert "keeps its archive in %s (%d archived segments" % (
+            archive, len(site.covered)) in err
+        assert "run prune without DIR (or with --archive %s)" % archive in err
         assert not os.path.exists(cold)
         assert not os.path.exists(os.path.join(site.journal_dir,
                                                PRUNE_STATE))
@@ -550,8 +603,10 @@ class TestOneArchivePlace:
                                "--covered-by", newer, "--archive", default,
                                "--yes")
         assert status == 1
-        assert "one archive per journal" in err
-        assert cold in err
+        assert "you asked to archive into %s, but journal" % default in err
+        assert "keeps its archive in %s (%d archived segments" % (
+            cold, len(site.covered)) in err
+        assert "run prune without DIR (or with --archive %s)" % cold in err
         # --archive without a directory means the journal's own archive,
         # the recorded one.
         before = set(os.listdir(cold))

@@ -506,3 +506,95 @@ class TestRecordedDigests:
         status, report, _ = check_json(capsys, site)
         assert status == 0, report
         assert report["digests"]["matched"] == len(digests)
+
+
+WALK_A = '''
+from zjournal import Command
+
+
+class Note(Command):
+    command_name = "walk.a.note"
+
+    def __init__(self, text):
+        self.text = text
+
+    def execute(self, root, context):
+        root.setdefault("notes", []).append(self.text)
+        root._p_changed = True
+'''
+
+WALK_B = '''
+import persistent
+
+from zjournal import Command
+
+
+class Box(persistent.Persistent):
+
+    def __init__(self, value):
+        self.value = value
+
+
+class PutBox(Command):
+    command_name = "walk.b.put-box"
+
+    def __init__(self, value):
+        self.value = value
+
+    def execute(self, root, context):
+        root["box"] = Box(self.value)
+'''
+
+BUILD = '''
+import sys
+import ZODB, ZODB.FileStorage
+from zjournal import FileJournal, JournaledDB
+import walk_a, walk_b
+jdb = JournaledDB(ZODB.DB(ZODB.FileStorage.FileStorage(sys.argv[1])),
+                  FileJournal(sys.argv[2], fsync="never"))
+for i in range(5):
+    jdb.execute(walk_a.Note("n%d" % i))
+jdb.execute(walk_b.PutBox(7))
+jdb.close()
+'''
+
+
+class TestImportsOpeningTheLiveZODBDoesNotCount:
+    """The live root holds a walk_b.Box: loading it imports walk_b, which
+    registers walk.b.put-box, although only walk_a was asked for."""
+
+    def zodb_journal(self, modules, *argv):
+        env = dict(os.environ, PYTHONPATH=str(modules))
+        return subprocess.run(
+            [sys.executable, "-m", "zjournal.cli"] + [str(a) for a in argv],
+            capture_output=True, text=True, timeout=120, env=env)
+
+    def test_refused_as_rebuild_would_be(self, site, tmp_path):
+        modules = tmp_path / "modules"
+        modules.mkdir()
+        (modules / "walk_a.py").write_text(WALK_A)
+        (modules / "walk_b.py").write_text(WALK_B)
+        proc = subprocess.run(
+            [sys.executable, "-c", BUILD, site.data_fs, site.journal_dir],
+            capture_output=True, text=True, timeout=120,
+            env=dict(os.environ, PYTHONPATH=str(modules)))
+        assert proc.returncode == 0, proc.stderr
+        # Rebuild with walk_a alone fails at seq 6: the premise.
+        rebuilt = tmp_path / "Rebuilt.fs"
+        proc = self.zodb_journal(modules, "rebuild", site.journal_dir,
+                                 "--zodb", rebuilt, "--import", "walk_a")
+        assert proc.returncode == 1 and "walk.b.put-box" in proc.stderr
+        proc = self.zodb_journal(modules, "check-replay", site.journal_dir,
+                                 "--zodb", site.data_fs, "--import", "walk_a")
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert proc.stdout == "" and "Traceback" not in proc.stderr
+        assert ("seq 6 of the journal is command 'walk.b.put-box'"
+                in proc.stderr)
+        assert "found before anything was replayed" in proc.stderr
+        assert "replay stopped" not in proc.stderr
+        # With both modules the same journal and ZODB check out.
+        proc = self.zodb_journal(modules, "check-replay", site.journal_dir,
+                                 "--zodb", site.data_fs, "--import", "walk_a",
+                                 "--import", "walk_b")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "OK:" in proc.stdout

@@ -252,6 +252,67 @@ class TestCanonical:
         finally:
             db.close()
 
+    def test_inside_a_large_tree_the_cache_is_trimmed_and_progress_shown(
+            self, monkeypatch):
+        """A 20,000-item BTree is one object of the walk but some thousand
+        buckets: they must not all stay loaded while it is hashed, and a
+        progress report must come from inside it."""
+        monkeypatch.setattr(digest, "TREE_PROGRESS", 2000)
+
+        def fill(root):
+            root["tree"] = OOBTree()
+            for i in range(20000):
+                root["tree"]["k%05d" % i] = ("v", i)
+
+        db, conn = build(fill, cache_size=100)
+        try:
+            fresh = db.open()
+            calls = []
+
+            def progress(objects, done=False, items=None):
+                calls.append((objects, items,
+                              fresh._cache.cache_non_ghost_count))
+
+            walked = digest.Walker(fresh.root(), progress=progress,
+                                   gc_every=500).digest()
+            inside = [c for c in calls if c[1] is not None]
+            assert [items for _, items, _ in inside] == list(
+                range(2000, 20001, 2000))
+            assert all(objects == 1 for objects, _, _ in inside)
+            assert max(loaded for _, _, loaded in inside) < 150
+            fresh.close()
+            # Trimming changes nothing in what is hashed.
+            assert walked == digest.state_digest(conn.root())
+        finally:
+            db.close()
+
+    def test_walk_progress_says_it_is_inside_a_tree(self):
+        import io
+        out = io.StringIO()
+        shown = digest.WalkProgress("check", tty=True, stream=out,
+                                    interval=0)
+        shown(2, items=130000)
+        assert "check: 2 objects" in out.getvalue()
+        assert "in a BTree: 130,000 items read" in out.getvalue()
+
+    def test_walk_progress_rate_counts_from_the_walk_start(self):
+        """check-replay makes its reporter before a replay that may take
+        minutes: the walk's rate must not include them."""
+        import io
+        import re
+        out = io.StringIO()
+        shown = digest.WalkProgress("check", tty=True, stream=out,
+                                    interval=0)
+        shown.began -= 100.0    # made 100 s before the walk
+        fresh = digest.Walker(OOBTree(), progress=shown)
+        fresh.jar = None
+        for _ in fresh:
+            pass
+        shown(1000)
+        rate = float(re.findall(r"1,000 objects \((\d+)/s\)",
+                                out.getvalue())[-1])
+        assert rate > 100   # 10/s if counted from construction
+
     def test_same_digest_when_waiting_objects_are_dropped(self,
                                                           monkeypatch):
         def fill(root):

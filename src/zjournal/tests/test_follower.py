@@ -980,6 +980,75 @@ def test_removed_segments_are_refused_before_marking_the_replica(
         conn.close()
 
 
+def test_cli_refusal_at_start_leaves_no_replica_files(
+        site, primary, tmp_path, capsys):
+    from zjournal import cli
+    work(primary, 60)
+    backup = str(tmp_path / "backup.fs")
+    shutil.copyfile(site.data_fs, backup)
+    work(primary, 3, start=60)
+    assert cli.main(["prune", site.journal_dir, "--covered-by", backup,
+                     "--remove", "--yes"]) == 0
+    replicas = tmp_path / "replicas"
+    replicas.mkdir()
+    replica = str(replicas / "Rep2.fs")
+    capsys.readouterr()
+    assert cli.main(["follow", site.journal_dir, "--zodb", replica,
+                     "--import", "zjournal.demo", "--once"]) == 1
+    assert "starts at seq" in capsys.readouterr().err
+    assert os.listdir(str(replicas)) == []
+    # A replica that was there before the refusal stays.
+    other = str(tmp_path / "other")
+    bank_journal(other, 1)
+    assert cli.main(["follow", other, "--zodb", replica, "--import",
+                     "zjournal.demo", "--once"]) == 0
+    kept = sorted(os.listdir(str(replicas)))
+    assert "Rep2.fs" in kept
+    size = os.path.getsize(replica)
+    assert cli.main(["follow", site.journal_dir, "--zodb", replica,
+                     "--import", "zjournal.demo", "--once"]) == 1
+    assert "was built from journal" in capsys.readouterr().err
+    assert os.path.getsize(replica) == size
+    assert "Rep2.fs" in os.listdir(str(replicas))
+
+
+def test_cli_replica_that_is_not_a_filestorage(site, primary, tmp_path):
+    work(primary, 3)
+    primary.close()
+    index = site.data_fs + ".index"
+    assert os.path.exists(index)
+    proc = subprocess.run(
+        [sys.executable, "-m", "zjournal.cli", "follow", site.journal_dir,
+         "--zodb", index, "--import", "zjournal.demo", "--once"],
+        capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert "is not a FileStorage" in proc.stderr
+    assert "give --zodb the Data.fs file itself" in proc.stderr
+    assert not os.path.exists(index + ".lock")
+    assert not os.path.exists(index + ".tmp")
+
+
+@pytest.mark.parametrize("where", ["missing-dir", "directory"])
+def test_cli_unwritable_status_file_is_refused_at_start(
+        site, primary, tmp_path, capsys, where):
+    from zjournal import cli
+    work(primary, 3)
+    replica = str(tmp_path / "Replica.fs")
+    if where == "missing-dir":
+        status = str(tmp_path / "nowhere" / "status.json")
+    else:
+        status = str(tmp_path)
+    capsys.readouterr()
+    assert cli.main(["follow", site.journal_dir, "--zodb", replica,
+                     "--import", "zjournal.demo", "--once",
+                     "--status-file", status]) == 1
+    err = capsys.readouterr().err
+    assert "--status-file %s" % status in err
+    # Refused before the replica was touched.
+    assert not os.path.exists(replica)
+
+
 def test_a_segment_archived_between_listing_and_opening(site, primary):
     """The follower listed the segments, then a prune (which takes no
     lock) archived the one it was about to open: it lists again."""

@@ -351,12 +351,17 @@ def test_report_replaces_the_file_only_when_complete(shop, tmp_path,
     err = capsys.readouterr().err
     assert status == cli.EXIT_FAILURE
     assert "zodb-journal stats: error:" in err and str(blocked) in err
+    assert ".part" not in err
     assert sorted(os.listdir(str(tmp_path))) == ["blocked", "report.html"]
     assert os.listdir(str(blocked)) == ["inside"]
     # a directory that does not exist: a message, nothing created
     missing = tmp_path / "nowhere" / "r.html"
     assert cli.main(["stats", str(path), "--html", str(missing)]) == 1
-    assert "nowhere" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # The file asked for, not the temporary one beside it.
+    assert "cannot write the report %s: " % missing in err
+    assert "the directory %s does not exist" % missing.parent in err
+    assert ".part" not in err
     assert snapshot(path) == before
     for gap in ("0", "-5", "nan"):
         assert cli.main(["stats", str(path), "--html", str(out),

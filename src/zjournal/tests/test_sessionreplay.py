@@ -489,3 +489,48 @@ def test_sqlite_journal(session, capsys, tmp_path):
     check_rows(profile, session.executed())
     assert profile["identity"] == session.identity
     assert scratch_state(scratch) == (session.state, session.last_seq)
+
+
+def comparison_table(out):
+    """The lines of --compare's table, its heading first."""
+    lines = out.splitlines()
+    return lines[next(i for i, l in enumerate(lines)
+                      if l.startswith("command ") and "then ms" in l):]
+
+
+def test_compare_with_start_does_not_call_earlier_commands_gone(
+        session, capsys, tmp_path):
+    """The accounts are opened before seq 6 only: a profile from --start 6
+    did run them (every command is replayed), it just did not time them."""
+    opens = [e.seq for e in session.executed()
+             if e.command_name == demo.OpenAccount.command_name]
+    assert opens and max(opens) < 6
+    full = tmp_path / "full.json"
+    full.write_text(json.dumps(profile_json(capsys, session.path, *IMPORTS)))
+    status, out, err = replay(capsys, session.path, *IMPORTS, "--start", 6,
+                              "--compare", full)
+    assert status == 0, err
+    lines = comparison_table(out)
+    assert lines[0].split()[-1] == "verdict"
+    row = next(l for l in lines
+               if l.startswith(demo.OpenAccount.command_name + " "))
+    assert row.endswith(" not profiled") and "gone" not in row
+    # The other way round: the saved profile began later.
+    late = tmp_path / "late.json"
+    late.write_text(json.dumps(profile_json(capsys, session.path, *IMPORTS,
+                                            "--start", 6)))
+    status, out, err = replay(capsys, session.path, *IMPORTS, "--compare",
+                              late)
+    assert status == 0, err
+    row = next(l for l in comparison_table(out)
+               if l.startswith(demo.OpenAccount.command_name + " "))
+    assert row.endswith(" not profiled then")
+    # A name the other replay never ran is still gone.
+    saved = json.loads(full.read_text())
+    saved["commands"].append(dict(saved["commands"][0], name="retired.cmd"))
+    full.write_text(json.dumps(saved))
+    status, out, err = replay(capsys, session.path, *IMPORTS, "--start", 6,
+                              "--compare", full)
+    row = next(l for l in comparison_table(out)
+               if l.startswith("retired.cmd"))
+    assert row.split()[-1] == "gone"
