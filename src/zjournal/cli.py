@@ -721,6 +721,7 @@ def cmd_rebuild(args):
             if not ok:
                 for path in created:
                     _remove(path)
+    note_torn_tail(journal)
     rate = result.replayed / max(result.seconds, 1e-9)
     print("rebuilt %s from %s: %s commands in %.2fs (%.0f commands/s)"
           % (args.zodb, journal.path, format(result.replayed, ","),
@@ -728,6 +729,24 @@ def cmd_rebuild(args):
     if args.skip_unknown:
         _report_skipped(result.skipped, args.zodb)
     return EXIT_OK
+
+
+def note_torn_tail(journal):
+    """Say on stderr that the journal's incomplete last transaction was
+    not replayed.
+
+    A read-only reader leaves a torn tail where it is and reads up to it:
+    the replay is right, but an operator restoring from a copy should
+    know the copy ended inside a transaction (taken while the
+    application wrote) or that a writer died there.
+    """
+    torn = getattr(journal, "torn_tail", None)
+    if torn is not None:
+        print("note: the journal ends with an incomplete transaction (%d"
+              " bytes at %s:%d, %s): a copy taken while the application"
+              " wrote, or a writer that died; it was not replayed"
+              % (torn.size, torn.path, torn.offset, torn.reason),
+              file=sys.stderr)
 
 
 def _report_skipped(skipped, target):

@@ -111,6 +111,7 @@ def cmd_restore(args):
                         "file://"):
                     _warn_partial(args.zodb)
     seconds = time.perf_counter() - began
+    cli.note_torn_tail(journal)
     print("restored %s from %s (%s): the backup was at seq %d"
           % (args.zodb, args.source, copied, result.marker_seq))
     if result.replayed:

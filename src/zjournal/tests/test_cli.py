@@ -1370,3 +1370,21 @@ def test_verify_zodb_on_a_file_that_is_no_filestorage(small, tmp_path,
     assert status == 1
     assert "Traceback" not in err
     assert "is not a FileStorage" in err
+
+
+def test_rebuild_notes_a_torn_tail_it_did_not_replay(small, tmp_path,
+                                                      capsys):
+    target = tmp_path / "Rebuilt.fs"
+    status, out, err = run(capsys, "rebuild", small.dir, "--zodb", target,
+                           "--import", EXAMPLES)
+    assert status == 0, err
+    assert "incomplete transaction" not in err
+    os.remove(target)
+    segment = segment_paths(small.dir)[-1]
+    append_bytes(segment, torn_record(small.last_seq + 1))
+    status, out, err = run(capsys, "rebuild", small.dir, "--zodb", target,
+                           "--import", EXAMPLES)
+    assert status == 0, err
+    assert "the journal ends with an incomplete transaction" in err
+    assert "%s:" % segment in err
+    assert "%d commands" % small.last_seq in out
