@@ -19,6 +19,7 @@ behind the journal by this transaction; recovery replays it.  A failure
 before the journal's vote leaves nothing in the journal.
 """
 import logging
+import weakref
 
 import transaction.interfaces
 from zope.interface import implementer
@@ -37,6 +38,50 @@ logger = logging.getLogger(__name__)
 # journal votes after every ZODB connection (and after zope.sqlalchemy's
 # "~sqlalchemy:" sessions, which commit in their own vote).
 SORT_KEY = "\U0010ffff zjournal"
+
+# What the journal did in a transaction, kept beside it and not in its
+# data (the transaction forgets its data when it ends, and the callers
+# that must know ask afterwards); gone with the transaction.
+_outcomes = weakref.WeakKeyDictionary()
+
+
+class _Outcome:
+    def __init__(self):
+        self.journaled = []          # (first, last) per journal that voted
+        self.failed_after = False    # aborted after a journal's vote
+
+
+def _outcome(txn):
+    found = _outcomes.get(txn)
+    if found is None:
+        found = _outcomes[txn] = _Outcome()
+    return found
+
+
+def journaled_seqs(txn):
+    """``(first, last)`` seq of the records ``txn`` made durable, or None.
+
+    Once the journal's vote synced them, ``txn``'s commands are committed,
+    whatever happens to the rest of its two-phase commit; an integration
+    that retries failed requests asks this (with :func:`finish_failed`)
+    before running one again.  With several JournaledDBs in ``txn``, the
+    range of the first journal that voted.  Answers after ``txn`` ended.
+    """
+    found = _outcomes.get(txn)
+    if found is None or not found.journaled:
+        return None
+    return found.journaled[0]
+
+
+def finish_failed(txn):
+    """Whether ``txn`` failed after a journal had voted its records.
+
+    That is the one failure that must not be retried: the commands are
+    committed in the journal, and the ZODB catches up from it.  False for
+    a transaction that committed, or that failed before any journal voted.
+    """
+    found = _outcomes.get(txn)
+    return found is not None and found.failed_after
 
 
 @implementer(transaction.interfaces.IDataManager,
@@ -113,7 +158,14 @@ class JournalDataManager:
         return SORT_KEY
 
     def abort(self, txn):
-        """Forget everything.  Legal in any phase, and idempotent."""
+        """Forget everything.  Legal in any phase, and idempotent.
+
+        After a successful vote (the vote itself failed past its sync)
+        the records stand, as in :meth:`tpc_abort`.
+        """
+        if self.voted:
+            _outcome(txn).failed_after = True
+            self.jdb._needs_catch_up = True
         self._reset()
 
     def tpc_begin(self, txn):
@@ -149,6 +201,7 @@ class JournalDataManager:
             raise
         self.voted = True
         self.committed = (batch.first, batch.last)
+        _outcome(txn).journaled.append(self.committed)
         faults.point("vote.after-sync")
 
     def tpc_finish(self, txn):
@@ -169,6 +222,7 @@ class JournalDataManager:
                 " journaled (seq %d..%d); they will be replayed into the"
                 " ZODB", self.pending[0][0], self.pending[-1][0])
             self.jdb._needs_catch_up = True
+            _outcome(txn).failed_after = True
         self._reset()
 
     # -- ISavepointDataManager -----------------------------------------

@@ -17,10 +17,11 @@ What the include does, in order:
 * adds a tween above pyramid_tm that catches the ZODB up with the journal
   before a retried request begins, when the previous attempt found the
   journal ahead, so that the retry starts from a current snapshot; and
-  that, when a commit fails after the journal committed the request's
-  commands, sends the view's response instead of letting pyramid_retry
-  apply them a second time (a second tween, under pyramid_tm, keeps
-  that response);
+  that, when the transaction pyramid_tm committed failed after the
+  journal's vote, sends the view's response instead of letting
+  pyramid_retry apply its commands a second time (a second tween, under
+  pyramid_tm, keeps that response and that transaction); an explicit
+  ``pyramid.tweens`` list must name both, or the include refuses it;
 * backs off a little (jittered) before each retry of a transient error;
 * closes the JournaledDB (the ZODB, and the journal's lock) when the
   process exits normally.
@@ -60,9 +61,12 @@ from pyramid.settings import asbool
 from pyramid.settings import aslist
 from pyramid_retry import IBeforeRetry
 from pyramid_tm import is_tm_active
+from pyramid_tm import tm_tween_factory
 from pyramid_zodbconn import get_connection
 
 from zjournal import recovery
+from zjournal.datamanager import finish_failed
+from zjournal.datamanager import journaled_seqs
 from zjournal.db import JournaledDB
 from zjournal.db import execute as _execute
 from zjournal.db import query as _query
@@ -74,6 +78,10 @@ from zjournal.uri import open_journal
 logger = logging.getLogger(__name__)
 
 PREFIX = "zjournal."
+
+CATCH_UP_TWEEN = "zjournal.pyramid.catch_up_tween_factory"
+VIEW_RESPONSE_TWEEN = "zjournal.pyramid.view_response_tween_factory"
+TM_TWEEN = "pyramid_tm.tm_tween_factory"
 
 # Settings passed to JournaledDB under their own names (zjournal.<name>);
 # the integers with their smallest values.
@@ -93,9 +101,9 @@ class NoRequestTransactionError(ZJournalError):
     """``request.execute()`` was called without a transaction to join.
 
     pyramid_tm is not managing this request (its ``tm.activate_hook``
-    said no, or the request comes from a script) and the request's
-    transaction manager has no transaction: nobody would commit the
-    command.
+    said no, or the request comes from a script) and nobody is known to
+    commit the request's transaction: the command would be lost while
+    the client is told it succeeded.
     """
 
 
@@ -172,6 +180,7 @@ def includeme(config):
     """
     settings = config.get_settings()
     uri, imports, journal_kw, db_kw = parse_settings(settings)
+    _check_explicit_tweens(config)
     _import(imports)
     config.include("pyramid_tm")
     config.include("pyramid_retry")
@@ -182,11 +191,54 @@ def includeme(config):
     atexit.register(_close_at_exit, weakref.ref(jdb))
     config.add_request_method(execute, "execute")
     config.add_request_method(query, "query")
-    config.add_tween("zjournal.pyramid.catch_up_tween_factory",
-                     over="pyramid_tm.tm_tween_factory")
-    config.add_tween("zjournal.pyramid.view_response_tween_factory",
-                     under="pyramid_tm.tm_tween_factory")
+    config.add_tween(CATCH_UP_TWEEN, over=TM_TWEEN)
+    config.add_tween(VIEW_RESPONSE_TWEEN, under=TM_TWEEN)
     config.add_subscriber(_back_off, IBeforeRetry)
+
+
+def _check_explicit_tweens(config):
+    """Refuse an explicit tween list that leaves zjournal's tweens out.
+
+    Pyramid then ignores ``add_tween``: without the two tweens a commit
+    that fails after the journal's vote would be retried, applying the
+    request's commands twice.  Checked from the setting Pyramid builds
+    the chain from, when the include runs, so that the refusal is the
+    zjournal error itself, with the lines to add.
+    """
+    names = aslist(config.get_settings().get("pyramid.tweens") or "")
+    if not names:
+        return
+    explicit = []
+    for name in names:
+        try:
+            explicit.append(config.maybe_dotted(name))
+        except (ImportError, AttributeError, ValueError):
+            explicit.append(name)  # Pyramid reports it in its turn
+    catch_up, view_response = (catch_up_tween_factory,
+                               view_response_tween_factory)
+    tm = tm_tween_factory
+    problem = None
+    if tm not in explicit:
+        problem = "it does not name %s" % TM_TWEEN
+    else:
+        at = explicit.index(tm)
+        above = explicit[at - 1] if at > 0 else None
+        below = explicit[at + 1] if at + 1 < len(explicit) else None
+        if above is not catch_up or explicit.count(catch_up) != 1:
+            problem = "%s is not the line right above %s" % (
+                CATCH_UP_TWEEN, TM_TWEEN)
+        elif below is not view_response or explicit.count(view_response) != 1:
+            problem = "%s is not the line right below %s" % (
+                VIEW_RESPONSE_TWEEN, TM_TWEEN)
+    if problem is not None:
+        raise PyramidConfigurationError(
+            "pyramid.tweens lists the tweens explicitly, and %s: without"
+            " zjournal's tweens in place a request whose commit fails after"
+            " the journal committed its commands would be retried and apply"
+            " them twice.  List them around pyramid_tm, in this order:\n"
+            "    %s\n    %s\n    %s\n(pyramid.tweens now: %s)"
+            % (problem, CATCH_UP_TWEEN, TM_TWEEN, VIEW_RESPONSE_TWEEN,
+               " ".join(names)))
 
 
 def _import(modules):
@@ -271,11 +323,7 @@ def execute(request, command, metadata=None):
     userid and the path, as pyramid_tm annotates them -- are journaled
     with it, beside ``metadata``.
     """
-    conn = _connection(request)
-    try:
-        return _execute(conn, command, metadata)
-    finally:
-        _remember(request, conn)
+    return _execute(_connection(request), command, metadata)
 
 
 def query(request, query, metadata=None):
@@ -283,61 +331,56 @@ def query(request, query, metadata=None):
 
     Installed as ``request.query``; see :func:`zjournal.query`.
     """
-    conn = _connection(request)
-    try:
-        return _query(conn, query, metadata)
-    finally:
-        _remember(request, conn)
+    return _query(_connection(request), query, metadata)
 
 
 def _connection(request):
-    if not is_tm_active(request) and not _begun(request.tm):
-        raise NoRequestTransactionError(
-            "request.execute(): pyramid_tm is not managing %s and"
-            " request.tm has no transaction begun; run it inside"
-            " 'with request.tm:' (a script), or let pyramid_tm manage"
-            " the request" % request.path)
+    """The request's connection, if somebody will commit its transaction.
+
+    A request that came through zjournal's tweens and that pyramid_tm
+    does not manage is refused unless the application began a
+    transaction on an explicit manager (``tm.manager_hook =
+    pyramid_tm.explicit_manager``): the thread-local manager hands out a
+    transaction to whoever calls ``get()``, so a transaction it holds
+    says nothing about anyone committing it.
+    """
+    if not is_tm_active(request):
+        through_tweens = request.__dict__.get("_zjournal_tweened", False)
+        if not (_explicitly_begun(request.tm) if through_tweens
+                else _begun(request.tm)):
+            raise NoRequestTransactionError(
+                "request.execute(): pyramid_tm is not managing %s and"
+                " request.tm has no transaction the application began;"
+                " %s" % (request.path, (
+                    "in a request pyramid_tm leaves alone, use"
+                    " tm.manager_hook = pyramid_tm.explicit_manager and"
+                    " run it inside 'with request.tm:', or let pyramid_tm"
+                    " manage the request" if through_tweens else
+                    "run it inside 'with request.tm:' (a script), or let"
+                    " pyramid_tm manage the request")))
     return get_connection(request)
 
 
-def _remember(request, conn):
-    """Keep the transaction's journal data manager on the request.
-
-    The tween asks it, after a failed commit, whether the journal had
-    already committed the request's commands (its ``committed`` outlives
-    the transaction).
-    """
-    jdb = getattr(conn, "journaled_db", None)
+def _explicitly_begun(tm):
+    """Whether ``tm`` is an explicit manager with a transaction begun."""
+    if not getattr(tm, "explicit", False):
+        return False
     try:
-        dm = conn.transaction_manager.get().data(jdb)
-    except (KeyError, transaction.interfaces.NoTransaction):
-        return
-    managers = request.__dict__.setdefault("_zjournal_dms", [])
-    if dm not in managers:
-        managers.append(dm)
-
-
-def _committed(request):
-    """``(first, last)`` seq the request's commit journaled, or None."""
-    for dm in request.__dict__.get("_zjournal_dms", ()):
-        if dm.committed is not None:
-            return dm.committed
-    return None
+        tm.get()
+    except transaction.interfaces.NoTransaction:
+        return False
+    return True
 
 
 def _begun(tm):
-    """Whether somebody began a transaction on ``tm``.
+    """Whether somebody began a transaction on ``tm`` (scripts).
 
     An explicit manager says so by raising NoTransaction from get(); an
     implicit one (the thread-local default) creates a transaction on
     get() that nobody would commit, so its current one is looked at.
     """
     if getattr(tm, "explicit", False):
-        try:
-            tm.get()
-        except transaction.interfaces.NoTransaction:
-            return False
-        return True
+        return _explicitly_begun(tm)
     # ThreadTransactionManager delegates to a per-thread manager.
     manager = getattr(tm, "manager", tm)
     return getattr(manager, "_txn", True) is not None
@@ -370,6 +413,7 @@ def catch_up_tween_factory(handler, registry):
     jdb = get_journaled_db(registry)
 
     def zjournal_catch_up_tween(request):
+        request._zjournal_tweened = True
         if jdb.needs_catch_up:
             # A conflict with another process catching up too is a
             # TransientError: pyramid_retry runs the request again, and
@@ -384,9 +428,10 @@ def catch_up_tween_factory(handler, registry):
             return kept
         if getattr(request, "exception", None) is not None:
             # pyramid_tm renders a failed commit with an exception view
-            # when the application has one for it.
+            # when the application has one for it, and leaves the error
+            # in request.exception, where pyramid_retry looks.
             kept = _response_after_journal(request, request.exception)
-            if kept is not None and kept is not response:
+            if kept is not None:
                 return kept
         return response
 
@@ -397,28 +442,51 @@ def view_response_tween_factory(handler, registry):
     """Keep the view's response, under pyramid_tm, for the tween above.
 
     It is what the client gets when the commit fails after the journal
-    committed the request's commands.
+    committed the request's commands.  The transaction is taken here,
+    after the view, because it is the one pyramid_tm commits next: a
+    view may have committed others itself, and their outcome is not this
+    request's to decide.
     """
     def zjournal_view_response_tween(request):
         response = handler(request)
+        if not is_tm_active(request):
+            # Nobody commits here; a get() on the thread-local manager
+            # would leave a stray transaction behind.
+            return response
         request._zjournal_response = response
+        try:
+            request._zjournal_txn = request.tm.get()
+        except transaction.interfaces.NoTransaction:
+            # The view ended the explicit transaction: pyramid_tm's
+            # commit fails with NoTransaction, before any journal.
+            request._zjournal_txn = None
         return response
 
     return zjournal_view_response_tween
 
 
 def _response_after_journal(request, error):
-    """The view's response if ``error`` came after the journal's commit."""
-    committed = _committed(request)
+    """The view's response if the request's commit failed after the
+    journal's vote, else None.
+
+    Asked of the transaction pyramid_tm committed, whoever executed the
+    commands in it (``request.execute`` or :func:`zjournal.execute` on the
+    request's connection).  ``request.exception`` is cleared with it:
+    pyramid_retry retries a returned response whose ``request.exception``
+    is retryable.
+    """
+    txn = request.__dict__.get("_zjournal_txn")
     response = request.__dict__.get("_zjournal_response")
-    if committed is None or response is None:
+    if txn is None or response is None or not finish_failed(txn):
         return None
+    first, last = journaled_seqs(txn)
     logger.error(
         "%s: seq %d..%d are committed in the journal, but the commit then"
         " failed (%s: %s); the request is not retried and its response is"
         " sent, the ZODB catches up from the journal before the next"
-        " request", request.path, committed[0], committed[1],
-        type(error).__name__, error)
+        " request", request.path, first, last, type(error).__name__, error)
+    request.exception = None
+    request.exc_info = None
     return response
 
 

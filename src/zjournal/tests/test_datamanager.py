@@ -7,6 +7,8 @@ from zope.interface.verify import verifyObject
 import zjournal
 from zjournal.datamanager import SORT_KEY
 from zjournal.datamanager import JournalDataManager
+from zjournal.datamanager import finish_failed
+from zjournal.datamanager import journaled_seqs
 from zjournal.tests import examples
 from zjournal.tests.examples import Put
 from zjournal.tests.helpers import DiskFull
@@ -189,3 +191,63 @@ class TestPeers:
                 zjournal.execute(conn, Put("b", 2))
         conn.close()
         assert zodb_state(jdb) == (({"a": 1, "b": 2}, {}), 2)
+
+
+class TestOutcome:
+    """journaled_seqs/finish_failed: what integrations ask a transaction
+    after its commit, to decide whether a failed request may run again."""
+
+    def test_a_committed_transaction(self, jdb):
+        conn = jdb.open()
+        zjournal.execute(conn, Put("a", 1))
+        zjournal.execute(conn, Put("b", 2))
+        txn = transaction.get()
+        txn.commit()
+        conn.close()
+        assert journaled_seqs(txn) == (1, 2)
+        assert not finish_failed(txn)
+
+    def test_a_failure_after_the_journal_vote(self, jdb):
+        peer = Resource("!peer", fail_in="tpc_finish")
+        conn = jdb.open()
+        zjournal.execute(conn, Put("a", 1))
+        txn = transaction.get()
+        txn.join(peer)
+        with pytest.raises(RuntimeError):
+            txn.commit()
+        transaction.abort()
+        conn.close()
+        # Asked after the transaction ended (it forgets its own data).
+        assert journaled_seqs(txn) == (1, 1)
+        assert finish_failed(txn)
+        # The next transaction is a new question.
+        assert journaled_seqs(transaction.get()) is None
+        assert not finish_failed(transaction.get())
+
+    def test_a_failure_before_the_journal_vote(self, jdb):
+        peer = Resource("!peer", fail_in="tpc_vote")
+        conn = jdb.open()
+        zjournal.execute(conn, Put("a", 1))
+        txn = transaction.get()
+        txn.join(peer)
+        with pytest.raises(RuntimeError):
+            txn.commit()
+        transaction.abort()
+        conn.close()
+        assert jdb.journal.last_seq == 0
+        assert journaled_seqs(txn) is None
+        assert not finish_failed(txn)
+
+    def test_a_command_in_a_before_commit_hook_counts(self, jdb):
+        peer = Resource("!peer", fail_in="tpc_finish")
+        conn = jdb.open()
+        txn = transaction.get()
+        txn.join(peer)
+        conn.root()  # the connection joins nothing until a change
+        txn.addBeforeCommitHook(zjournal.execute, (conn, Put("late", 1)))
+        with pytest.raises(RuntimeError):
+            txn.commit()
+        transaction.abort()
+        conn.close()
+        assert journaled_seqs(txn) == (1, 1)
+        assert finish_failed(txn)

@@ -60,10 +60,12 @@ class HeaderUser:
         return []
 
 
-def make_app(settings, hooks=None):
+def make_app(settings, hooks=None, error_view=False):
     """A small application: commands from zjournal.tests.examples behind
     JSON views.  ``hooks`` maps a view name to a callable run by that view
-    with the request ("bump": after its command)."""
+    with the request ("bump", "direct": after its command).
+    ``error_view``: an error page for any exception, as applications
+    have."""
     hooks = hooks or {}
 
     def hook(name, request):
@@ -83,6 +85,28 @@ def make_app(settings, hooks=None):
         hook("bump", request)  # after the command: the snapshot is taken
         return {"result": result,
                 "attempts": request.environ["test.attempts"]}
+
+    def direct(request):
+        # The public function on the request's connection, not
+        # request.execute.
+        result = zjournal.execute(get_connection(request), Increment("n"))
+        hook("direct", request)
+        return {"result": result,
+                "attempts": request.environ["test.attempts"]}
+
+    def unmanaged(request):
+        # pyramid_tm leaves these alone (unmanaged_only).
+        if request.matchdict["how"] == "touch":
+            # Anything that looks at the transaction first, e.g. to
+            # annotate it; nobody commits it.
+            request.tm.get().note("looked at")
+            return {"result": request.execute(Increment("n"))}
+        with request.tm:
+            return {"result": request.execute(Increment("n"))}
+
+    def error_page(exc, request):
+        request.response.status = 500
+        return {"error": type(exc).__name__}
 
     def put_then_fail(request):
         request.execute(Put("before", 1))
@@ -105,10 +129,15 @@ def make_app(settings, hooks=None):
     config.set_security_policy(HeaderUser())
     for name, pattern, view in [("put", "/put/{key}/{value}", put),
                                 ("bump", "/bump", bump),
+                                ("direct", "/direct", direct),
+                                ("unmanaged", "/unmanaged/{how}", unmanaged),
                                 ("fail", "/fail", put_then_fail),
                                 ("show", "/show", show)]:
         config.add_route(name, pattern)
         config.add_view(view, route_name=name, renderer="json")
+    if error_view:
+        config.add_exception_view(error_page, context=Exception,
+                                  renderer="json")
     return config.make_wsgi_app()
 
 
@@ -127,8 +156,8 @@ def apps():
     """Make applications; close their JournaledDBs when the test ends."""
     made = []
 
-    def make(settings, hooks=None):
-        app = make_app(settings, hooks)
+    def make(settings, hooks=None, **kw):
+        app = make_app(settings, hooks, **kw)
         made.append(zpyramid.get_journaled_db(app.registry))
         return app
 
@@ -510,10 +539,182 @@ class TestExecute:
         assert testapp.get("/bump").json["result"] == 2
         assert jdb.journal.last_seq == 2
 
+    @pytest.mark.parametrize("path, error_view", [
+        ("/bump", True),     # pyramid_tm renders the commit error
+        ("/direct", False),  # zjournal.execute, not request.execute
+        ("/direct", True),
+    ])
+    def test_the_commit_is_decided_from_its_transaction(
+            self, settings, apps, manager, monkeypatch, path, error_view):
+        # The ZODB fails to finish after the journal's vote: however the
+        # command was executed and whatever renders the error, the
+        # request is neither retried (a second application of the
+        # command) nor reported failed.
+        if manager:
+            settings["tm.manager_hook"] = manager
+        app = apps(settings, error_view=error_view)
+        jdb = zpyramid.get_journaled_db(app.registry)
+        testapp = webtest.TestApp(app)
+        failures = fail_next_finish(monkeypatch)
+        res = testapp.get(path)
+        assert res.json == {"result": 1, "attempts": [0]}
+        assert len(failures) == 1
+        assert [e.command.by for e in jdb.journal.entries()] == [1]
+        assert shown(testapp) == (({}, {"n": 1}), 1)
+
+    def test_a_view_that_commits_a_transaction_itself(
+            self, settings, apps, manager, monkeypatch):
+        # Only the transaction pyramid_tm commits decides the request:
+        # the view's own first commit succeeded, the second transaction
+        # conflicts before the journal's vote and must be retried (the
+        # retry runs the whole view again).
+        if manager:
+            settings["tm.manager_hook"] = manager
+        conflicts = []
+
+        def commit_and_go_on(request):
+            request.tm.commit()
+            request.tm.begin()
+            request.execute(Put("second", request.environ["retry.attempt"]))
+
+        real = ZODB.Connection.Connection.tpc_vote
+
+        def tpc_vote(conn, txn, *args, **kw):
+            if getattr(conn, "journaled_db", None) is not None \
+                    and jdb.journal.last_seq == 1 and not conflicts:
+                conflicts.append(txn)
+                raise ZODB.POSException.ConflictError("second transaction")
+            return real(conn, txn, *args, **kw)
+
+        app = apps(settings, {"bump": commit_and_go_on})
+        jdb = zpyramid.get_journaled_db(app.registry)
+        monkeypatch.setattr(ZODB.Connection.Connection, "tpc_vote", tpc_vote)
+        res = webtest.TestApp(app).get("/bump")
+        assert len(conflicts) == 1
+        assert res.json["attempts"] == [0, 1]
+        assert [(e.command_name, getattr(e.command, "value", None))
+                for e in jdb.journal.entries()] == [
+            ("tests.increment", None), ("tests.increment", None),
+            ("tests.put", 1)]
+
+    def test_an_unmanaged_request_is_refused_unless_explicitly_begun(
+            self, settings, apps, manager):
+        if manager:
+            settings["tm.manager_hook"] = manager
+        settings["tm.activate_hook"] = __name__ + ".unmanaged_only"
+        app = apps(settings)
+        testapp = webtest.TestApp(app)
+        jdb = zpyramid.get_journaled_db(app.registry)
+        if manager:
+            # An explicit manager's begun transaction is committed by
+            # the block that began it.
+            res = testapp.get("/unmanaged/with")
+            assert res.json == {"result": 1}
+            assert jdb.journal.last_seq == 1
+            assert shown(testapp) == (({}, {"n": 1}), 1)
+            return
+        # The thread-local manager: a transaction it holds may be one
+        # that a get() created; refused however it came to be there.
+        for how in ("touch", "with"):
+            with pytest.raises(zpyramid.NoRequestTransactionError,
+                               match="explicit_manager"):
+                testapp.get("/unmanaged/" + how)
+        assert jdb.journal.last_seq == 0
+        assert shown(testapp) == (({}, {}), 0)
+
+
+def fail_next_finish(monkeypatch, error=None):
+    """Make the next journaled ZODB connection's tpc_finish fail (with
+    ZEO's ClientDisconnected, a TransientError); returns the list of the
+    transactions it failed."""
+    if error is None:
+        error = pytest.importorskip("ZEO.Exceptions").ClientDisconnected
+    real = ZODB.Connection.Connection.tpc_finish
+    failures = []
+
+    def tpc_finish(conn, txn, *args, **kw):
+        if getattr(conn, "journaled_db", None) is not None \
+                and not failures:
+            failures.append(txn)
+            raise error("lost the storage during tpc_finish")
+        return real(conn, txn, *args, **kw)
+
+    monkeypatch.setattr(ZODB.Connection.Connection, "tpc_finish", tpc_finish)
+    return failures
+
 
 def not_for_bump(request):
     """tm.activate_hook: pyramid_tm leaves /bump alone."""
     return request.path != "/bump"
+
+
+def unmanaged_only(request):
+    """tm.activate_hook: pyramid_tm leaves /unmanaged/* alone."""
+    return not request.path.startswith("/unmanaged/")
+
+
+def test_a_redirect_after_a_command_commits_without_an_error_log(
+        settings, apps, caplog):
+    # tm.commit_veto lets pyramid_tm commit a request whose view raised
+    # HTTPFound (rendered by the exception view tween): a success.
+    from pyramid.httpexceptions import HTTPFound
+
+    def redirect(request):
+        raise HTTPFound(location="/show")
+
+    settings["tm.commit_veto"] = "pyramid_tm.default_commit_veto"
+    app = apps(settings, {"bump": redirect})
+    jdb = zpyramid.get_journaled_db(app.registry)
+    with caplog.at_level("ERROR", logger="zjournal"):
+        res = webtest.TestApp(app).get("/bump")
+    assert res.status_int == 302
+    assert [e.command.by for e in jdb.journal.entries()] == [1]
+    assert not jdb.needs_catch_up
+    assert [r.getMessage() for r in caplog.records
+            if r.name.startswith("zjournal")] == []
+
+
+class TestExplicitTweens:
+    """pyramid.tweens set: Pyramid ignores add_tween, zjournal's tweens
+    must be listed."""
+
+    def test_a_list_without_them_is_refused_with_the_lines_to_add(
+            self, settings):
+        settings["pyramid.tweens"] = ("pyramid_tm.tm_tween_factory\n"
+                                      "pyramid.tweens.excview_tween_factory")
+        with pytest.raises(zpyramid.PyramidConfigurationError) as found:
+            make_app(settings)
+        message = str(found.value)
+        assert "\n    zjournal.pyramid.catch_up_tween_factory\n" \
+            "    pyramid_tm.tm_tween_factory\n" \
+            "    zjournal.pyramid.view_response_tween_factory\n" in message
+
+    @pytest.mark.parametrize("tweens", [
+        # the view response tween above pyramid_tm, not below
+        [zpyramid.CATCH_UP_TWEEN, zpyramid.VIEW_RESPONSE_TWEEN,
+         zpyramid.TM_TWEEN, "pyramid.tweens.excview_tween_factory"],
+        # another tween between pyramid_tm and the catch-up tween
+        [zpyramid.CATCH_UP_TWEEN, "pyramid.tweens.excview_tween_factory",
+         zpyramid.TM_TWEEN, zpyramid.VIEW_RESPONSE_TWEEN],
+    ])
+    def test_misplaced_tweens_are_refused(self, settings, tweens):
+        settings["pyramid.tweens"] = "\n".join(tweens)
+        with pytest.raises(zpyramid.PyramidConfigurationError,
+                           match="is not the line right"):
+            make_app(settings)
+
+    def test_the_documented_list_works(self, settings, apps, monkeypatch):
+        settings["pyramid.tweens"] = "\n".join([
+            "zjournal.pyramid:catch_up_tween_factory",  # either spelling
+            zpyramid.TM_TWEEN, zpyramid.VIEW_RESPONSE_TWEEN,
+            "pyramid.tweens.excview_tween_factory"])
+        app = apps(settings)
+        jdb = zpyramid.get_journaled_db(app.registry)
+        testapp = webtest.TestApp(app)
+        failures = fail_next_finish(monkeypatch)
+        assert testapp.get("/bump").json == {"result": 1, "attempts": [0]}
+        assert len(failures) == 1
+        assert jdb.journal.last_seq == 1
 
 
 class Read(zjournal.Command):

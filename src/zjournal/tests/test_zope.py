@@ -422,13 +422,17 @@ class TestSection:
 # What the server process imports at startup (as sitecustomize) for the
 # retry test: the ZODB's tpc_finish fails once, with ZEO's
 # ClientDisconnected (a TransientError), when the flag file exists --
-# after the journal's vote made the request's command durable.
-FAIL_FINISH = '''
+# after the journal's vote made the request's command durable.  With the
+# "hook" flag, @@zj-set-property runs its command in a before-commit hook
+# instead (deferred work, joining after the publisher's PubBeforeCommit).
+FAIL_FINISH = """
 import os
+import transaction
 import ZODB.Connection
 from ZEO.Exceptions import ClientDisconnected
 
 _flag = os.environ["ZJ_TEST_FAIL_FINISH"]
+_hook_flag = os.environ["ZJ_TEST_IN_HOOK"]
 _real = ZODB.Connection.Connection.tpc_finish
 
 
@@ -441,7 +445,27 @@ def tpc_finish(self, txn, *args, **kw):
 
 
 ZODB.Connection.Connection.tpc_finish = tpc_finish
-'''
+
+import zjexample.views
+from zjexample import commands
+from zjournal.zope import execute
+
+_set_property = zjexample.views.SetProperty.__call__
+
+
+def deferred(view, name, value):
+    if not os.path.exists(_hook_flag):
+        return _set_property(view, name, value)
+    os.remove(_hook_flag)
+    context = view.context
+    command = commands.SetProperty(
+        zjexample.views._path(context), name, value)
+    transaction.get().addBeforeCommitHook(execute, (context, command))
+    return "deferred"
+
+
+zjexample.views.SetProperty.__call__ = deferred
+"""
 
 
 def test_a_request_is_not_retried_after_its_journal_commit(instance,
@@ -452,10 +476,11 @@ def test_a_request_is_not_retried_after_its_journal_commit(instance,
     site.mkdir()
     (site / "sitecustomize.py").write_text(FAIL_FINISH)
     flag = tmp_path / "fail-next-finish"
+    in_hook = tmp_path / "next-in-a-hook"
     path = os.pathsep.join([str(site)] + [
         p for p in instance.env()["PYTHONPATH"].split(os.pathsep) if p])
-    with instance.start(PYTHONPATH=path,
-                        ZJ_TEST_FAIL_FINISH=str(flag)) as server:
+    with instance.start(PYTHONPATH=path, ZJ_TEST_FAIL_FINISH=str(flag),
+                        ZJ_TEST_IN_HOOK=str(in_hook)) as server:
         server.ok("/@@zj-add-folder?id=docs")
         flag.write_text("")
         status, _ = server.get("/docs/@@zj-set-property?name=n&value=1")
@@ -463,17 +488,28 @@ def test_a_request_is_not_retried_after_its_journal_commit(instance,
         # The client hears of the failure; the command is committed
         # once, not once per retry.
         assert status == 500
-        assert "not retrying the request" in server.output()
+        assert server.output().count("not retrying the request") == 1
         server.ok("/docs/@@zj-set-property?name=m&value=2")
+        # The same, for a command that joins the transaction in a
+        # before-commit hook, after the publisher's PubBeforeCommit.
+        flag.write_text("")
+        in_hook.write_text("")
+        status, _ = server.get("/docs/@@zj-set-property?name=h&value=3")
+        assert not flag.exists() and not in_hook.exists()
+        assert status == 500
+        assert server.output().count("not retrying the request") == 2
+        server.ok("/docs/@@zj-set-property?name=k&value=4")
         docs = _find(server.dump()["tree"], "docs")
     names = [(name, args.get("name")) for _, name, args
              in instance.journal_entries()[2:]]
     assert names == [("zjexample.add_folder", None),
                      ("zjexample.set_property", "n"),
-                     ("zjexample.set_property", "m")]
-    # The ZODB caught up with the journaled command before the next one.
-    assert ["n", "1"] in docs["properties"]
-    assert ["m", "2"] in docs["properties"]
+                     ("zjexample.set_property", "m"),
+                     ("zjexample.set_property", "h"),
+                     ("zjexample.set_property", "k")]
+    # The ZODB caught up with the journaled commands before the next one.
+    for prop in (["n", "1"], ["m", "2"], ["h", "3"], ["k", "4"]):
+        assert prop in docs["properties"]
 
 
 def test_an_inituser_that_cannot_be_removed_stops_the_first_start(

@@ -44,6 +44,8 @@ import zope.component.event  # noqa: F401 (routes zope.event to handlers)
 from zope.processlifetime import IDatabaseOpened
 from zope.processlifetime import IDatabaseOpenedWithRoot
 
+from zjournal.datamanager import finish_failed
+from zjournal.datamanager import journaled_seqs
 from zjournal.db import JournaledDB
 from zjournal.errors import ZJournalError
 from zjournal.marker import MARKER_KEY
@@ -303,34 +305,37 @@ def before_commit(event):
     finish (ZEO's ClientDisconnected is a TransientError), the publisher
     would retry the request and apply its commands a second time.  The
     publisher asks ``request.supports_retry()`` right after the failed
-    commit; this answers no when the request's commands are journaled.
-    The client gets the error response, although the commands are
-    committed: the ZODB catches up from the journal before the next
-    command, and the log says so.
+    commit; this answers no when the transaction it committed failed
+    after a journal's vote.  The client gets the error response, although
+    the commands are committed: the ZODB catches up from the journal
+    before the next command, and the log says so.
+
+    The transaction is taken now, just before the publisher commits it,
+    and asked afterwards: commands that join it later, in before-commit
+    hooks, are journaled in the same vote and count as well.
     """
-    request = event.request
-    txn = transaction.get()
-    managers = []
-    for jdb in journaled_dbs.values():
-        try:
-            managers.append(txn.data(jdb))
-        except KeyError:
-            pass
-    if not managers or "supports_retry" in vars(request):
+    if not journaled_dbs:
         return
+    request = event.request
+    if "supports_retry" in vars(request):
+        return
+    txn = transaction.get()
     may_retry = request.supports_retry
+    logged = []
 
     def supports_retry():
-        for dm in managers:
-            if dm.committed is not None:
-                logger.error(
-                    "%s: seq %d..%d are committed in the journal, but the"
-                    " ZODB failed to finish; not retrying the request (it"
-                    " would apply them twice); the ZODB catches up before"
-                    " the next command", request.get("PATH_INFO", "?"),
-                    dm.committed[0], dm.committed[1])
-                return False
-        return may_retry()
+        if not finish_failed(txn):
+            return may_retry()
+        if not logged:
+            first, last = journaled_seqs(txn)
+            logger.error(
+                "%s: seq %d..%d are committed in the journal, but the"
+                " ZODB failed to finish; not retrying the request (it"
+                " would apply them twice); the ZODB catches up before"
+                " the next command", request.get("PATH_INFO", "?"),
+                first, last)
+            logged.append(True)
+        return False
 
     request.supports_retry = supports_retry
 
