@@ -165,7 +165,7 @@ class JournalDataManager:
         """
         if self.voted:
             _outcome(txn).failed_after = True
-            self.jdb._needs_catch_up = True
+            self.jdb._note_behind()
         self._reset()
 
     def tpc_begin(self, txn):
@@ -197,7 +197,7 @@ class JournalDataManager:
         except JournalSequenceError:
             # The journal holds records the ZODB lacks (a ZODB finish
             # failed after a journal vote): catch up, then retry.
-            self.jdb._needs_catch_up = True
+            self.jdb._note_behind()
             raise
         self.voted = True
         self.committed = (batch.first, batch.last)
@@ -221,7 +221,7 @@ class JournalDataManager:
                 "the ZODB failed to finish a transaction whose commands are"
                 " journaled (seq %d..%d); they will be replayed into the"
                 " ZODB", self.pending[0][0], self.pending[-1][0])
-            self.jdb._needs_catch_up = True
+            self.jdb._note_behind()
             _outcome(txn).failed_after = True
         self._reset()
 

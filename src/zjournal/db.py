@@ -21,6 +21,7 @@ import time
 
 import transaction
 import transaction.interfaces
+from transaction._transaction import NoRollbackSavepoint
 import ZODB.Connection
 from zope.interface import implementer
 
@@ -52,8 +53,9 @@ class JournaledConnection(ZODB.Connection.Connection):
     transaction whose changes did not come from a command.  ZODB reports
     an object only on its first change in a transaction (or since the
     last savepoint): :func:`execute` takes a savepoint after each
-    command, so that an object a command changed is reported again when
-    the application changes it afterwards.
+    command (unless ``watch_after_command=False``), so that an object a
+    command changed is reported again when the application changes it
+    afterwards.
     """
 
     journaled_db = None  # set on the per-database subclass
@@ -117,14 +119,31 @@ class JournaledDB:
         an entry of its own (``zjournal.state-digest``) in the same
         transaction, so that ``zodb-journal check-replay`` can tell
         after which commands a replay stopped matching the live
-        database.  Each digest reads every object reachable from the
-        root: see :doc:`checkreplay` for what that costs.  Default None:
-        no digests.
+        database.  N counts journal entries, digests included: a
+        journal of commands only gets a digest after every N - 1
+        commands (1 and 2 both mean after every command).  The schedule
+        follows from the seq alone, so that every process sharing the
+        journal keeps the same one.  Each digest reads every object
+        reachable from the root: see :doc:`checkreplay` for what that
+        costs.  Default None: no digests.
+    ``watch_after_command``
+        After each command run with :func:`zjournal.execute` (in a
+        transaction the application commits, or in a
+        :meth:`transaction` block), take an optimistic savepoint so
+        that a later change outside a command to an object the command
+        changed is still refused at commit.  That savepoint pickles the
+        objects changed since the previous one: N commands that each
+        change one large object cost N picklings of it (and as much
+        temporary storage).  False skips it: such a later change is then
+        committed unnoticed (and lost by a rebuild), while changes to
+        objects no command touched are still refused.  :meth:`execute`
+        and group commit never take it.  Default True.
     """
 
     def __init__(self, db, journal, allow_unjournaled=False, retries=10,
                  batch_size=1000, progress=None, batch_window=0.0,
-                 journal_queries=False, digest_interval=None):
+                 journal_queries=False, digest_interval=None,
+                 watch_after_command=True):
         if isinstance(journal, str):
             journal = open_journal(journal)
         self.db = db
@@ -135,11 +154,16 @@ class JournaledDB:
         self.progress = progress
         self.journal_queries = journal_queries
         self.digest_interval = digest_interval
+        self.watch_after_command = watch_after_command
         # Journaled transactions are serialized at commit anyway (they all
         # write the marker); serializing them here turns would-be
         # conflicts between threads into a short wait.
         self._lock = threading.RLock()
-        self._needs_catch_up = False
+        # needs_catch_up, and how many times it was set: catch_up() clears
+        # it only if nobody set it again while it replayed.
+        self._flag_lock = threading.Lock()
+        self._behind = False
+        self._behind_count = 0
         # Transient errors (conflicts, a journal found ahead) retried by
         # execute(), for operators and benchmarks.
         self.retried = 0
@@ -260,7 +284,7 @@ class JournaledDB:
         try:
             self.catch_up()
         except transaction.interfaces.TransientError as e:
-            self._needs_catch_up = True
+            self._note_behind()
             if attempt == self.retries:
                 raise
             self._pause(attempt, e)
@@ -271,7 +295,7 @@ class JournaledDB:
         """Back off before retrying after a transient error."""
         self.retried += 1
         if isinstance(error, JournalSequenceError):
-            self._needs_catch_up = True
+            self._note_behind()
         logger.debug("retrying after %s", error)
         time.sleep(random.uniform(0, 0.002 * 2 ** min(attempt, 8)))
 
@@ -294,7 +318,7 @@ class JournaledDB:
             tm.abort()
             if dm is None or dm.committed is None:
                 raise
-            self._needs_catch_up = True
+            self._note_behind()
             logger.error(
                 "seq %d..%d are committed in the journal, but the ZODB failed"
                 " to finish (%s: %s); it catches up from the journal before"
@@ -344,6 +368,30 @@ class JournaledDB:
         self._check_open()
         return self.db.open(*args, **kw)
 
+    def _note_behind(self):
+        """Record that the journal holds commands the ZODB lacks.
+
+        Called from any thread (a data manager's vote or abort), without
+        the JournaledDB's lock: the count lets a catch-up that is
+        running meanwhile tell that its replay may have come too early.
+        """
+        with self._flag_lock:
+            self._behind = True
+            self._behind_count += 1
+
+    @property
+    def _needs_catch_up(self):
+        return self._behind
+
+    @_needs_catch_up.setter
+    def _needs_catch_up(self, value):
+        # Kept for code that assigns the flag (True: _note_behind).
+        if value:
+            self._note_behind()
+        else:
+            with self._flag_lock:
+                self._behind = False
+
     @property
     def needs_catch_up(self):
         """True when the journal holds commands the ZODB lacks.
@@ -365,6 +413,8 @@ class JournaledDB:
         stale snapshot the replay is about to replace.
         """
         with self._lock:
+            with self._flag_lock:
+                seen = self._behind_count
             try:
                 found = recovery.recover(self.db, self.journal,
                                          batch_size=self.batch_size,
@@ -373,9 +423,13 @@ class JournaledDB:
                 # Still behind (a conflict with another process catching
                 # up, an interrupted replay): the next attempt must
                 # catch up again.
-                self._needs_catch_up = True
+                self._note_behind()
                 raise
-            self._needs_catch_up = False
+            with self._flag_lock:
+                # Set again while the replay ran (another thread's vote
+                # found the journal further ahead): that request stands.
+                if self._behind_count == seen:
+                    self._behind = False
             return found
 
     def close(self):
@@ -470,7 +524,7 @@ class JournaledDB:
         dm.pending.append((seq, now, version, name, payload, 0, metadata))
         if self.digest_interval and seq % self.digest_interval == 0:
             self._record_digest(conn, dm, marker, seq)
-        if shared:
+        if shared and self.watch_after_command:
             self._watch_again(conn)
         return result
 
@@ -484,8 +538,14 @@ class JournaledDB:
         be lost by a rebuild.  An optimistic savepoint empties the
         connection's list of changed objects (moving their state to its
         temporary store), so the next change to any of them is reported
-        and checked like a first one.  Its cost is one extra pickling of
-        the objects the command changed.
+        and checked like a first one.
+
+        The savepoint pickles every object changed since the previous
+        one, whatever its size: a command that changes one entry of a
+        large mapping pickles the whole mapping again, and N such
+        commands in one transaction cost N picklings and N copies in the
+        connection's temporary store.  ``watch_after_command=False``
+        trades the check for that cost.
         """
         if not getattr(conn, "_registered_objects", None):
             return
@@ -532,10 +592,12 @@ class JournaledDB:
         A write is caught as it happens (QueryWriteError, the
         transaction doomed).  An object a command already changed in this
         transaction would not tell the connection about a second change;
-        a savepoint taken before the query makes it tell again, and
-        rolling the savepoint back afterwards undoes anything that slipped
-        through.  A query that raises otherwise leaves the transaction as
-        it was.
+        a savepoint taken before the query makes it tell again.  It is an
+        optimistic one, so that a resource without savepoint support
+        joined to the transaction (a mail queue, say) does not fail it:
+        the check on first changes does not need a rollback.  A query
+        that raises is rolled back to it, when every resource can roll
+        back, so that it leaves the transaction as it was.
         """
         journaled = self.journal_queries
         if journaled:
@@ -548,20 +610,21 @@ class JournaledDB:
         savepoint = None
         if getattr(conn, "_registered_objects", True):
             try:
-                savepoint = conn.transaction_manager.get().savepoint()
-            except TypeError:
-                # A resource without savepoints joined the transaction:
-                # the check on first changes is all there is.
-                logger.debug("no savepoint around query %s", query)
+                savepoint = conn.transaction_manager.get().savepoint(
+                    optimistic=True)
+            except transaction.interfaces.TransactionFailedError:
+                pass  # it can only be aborted: nothing will be committed
         conn.zjournal_in_query = True
         _state.command = query
         try:
             result = query.execute(root, commands.Context(seq, now))
+        except BaseException:
+            if savepoint is not None and _can_roll_back(savepoint):
+                savepoint.rollback()
+            raise
         finally:
             conn.zjournal_in_query = False
             _state.command = None
-            if savepoint is not None:
-                savepoint.rollback()
         if journaled:
             conn.zjournal_in_command = True
             try:
@@ -573,12 +636,20 @@ class JournaledDB:
         return result
 
 
+def _can_roll_back(savepoint):
+    """Whether rolling ``savepoint`` back would work: rolling back a
+    resource that has no savepoints fails the whole transaction."""
+    return not any(isinstance(part, NoRollbackSavepoint)
+                   for part in getattr(savepoint, "_savepoints", ()))
+
+
 def _check_interval(digest_interval):
     if digest_interval is not None and (
             isinstance(digest_interval, bool)
             or not isinstance(digest_interval, int) or digest_interval < 1):
         raise ValueError("digest_interval must be a positive number of"
-                         " commands or None, not %r" % (digest_interval,))
+                         " journal entries or None, not %r"
+                         % (digest_interval,))
 
 
 def _check_metadata(command, metadata):
@@ -624,7 +695,21 @@ def execute(conn, command, metadata=None):
     After the command, the transaction takes an optimistic savepoint, so
     that a change the caller then makes outside a command, even to an
     object the command changed, is refused at commit
-    (:class:`~zjournal.errors.UnjournaledChangeError`).
+    (:class:`~zjournal.errors.UnjournaledChangeError`).  That savepoint
+    stores the objects changed so far in the connection's temporary
+    store, which has consequences:
+
+    * it costs a pickling of every object changed since the previous
+      savepoint, however large (see ``watch_after_command`` of
+      :class:`JournaledDB`, which turns it off);
+    * what the savepoint raises comes out of this function after the
+      command ran, and fails the transaction: a ``ConflictError`` (a
+      read conflict while storing), an object that cannot be pickled,
+      or ``ValueError: Can't commit with opened blobs`` when the command
+      leaves a blob open (returns an open blob file, say).  A command
+      whose result stays open until after it returns (and is closed
+      before the commit) needs a JournaledDB with
+      ``watch_after_command=False``.
 
     ``metadata`` (a dict of JSON values: who, why, a request id) is
     journaled with the command, beside the transaction's ``user`` and

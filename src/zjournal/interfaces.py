@@ -113,8 +113,16 @@ class IJournaledDB(Interface):
         """Return an ordinary ZODB connection (thread's transaction)."""
 
     digest_interval = Attribute(
-        "Journal a state digest every this many commands (None: never);"
-        " zodb-journal check-replay compares them on replay.")
+        "Journal a state digest after each command whose seq is a multiple"
+        " of this (None: never): every this many journal entries, digests"
+        " included, so N - 1 commands apart in a journal of commands only"
+        " (1 and 2 both mean after every command).  zodb-journal"
+        " check-replay compares them on replay.")
+    watch_after_command = Attribute(
+        "Whether zjournal.execute() takes a savepoint after each command,"
+        " so that a later change outside a command to an object the"
+        " command changed is refused; it costs a pickling of the objects"
+        " changed since the last savepoint, per command.")
     needs_catch_up = Attribute(
         "True when the journal holds commands the ZODB lacks; catch_up()"
         " replays them.")

@@ -417,6 +417,7 @@ class FileJournal:
         self.head = GENESIS
         self._lock = None
         self._made_dir = self._made_segment = self._made_lock = False
+        self._new_header_size = 0
         self._cut_now = None  # a TornTail this open cut
         self._fd = None
         self._failed = None
@@ -434,13 +435,12 @@ class FileJournal:
                 except OSError:
                     logger.exception("journal %s: could not put a cut tail"
                                      " back", self.path)
-            self._release()
-            if self._made_lock:
+            if self._made_lock and self._lock is not None:
                 # Refused before anything was written: leave no lock file.
-                try:
-                    os.remove(os.path.join(self.path, LOCK_NAME))
-                except OSError:
-                    pass
+                # Unlinked while still locked, never after: see
+                # _take_lock for why that order is the safe one.
+                self._unlink_lock_file()
+            self._release()
             raise
 
     # -- opening -------------------------------------------------------
@@ -510,14 +510,19 @@ class FileJournal:
         segs = self._all_segments()
         return [seq for seq in segs if seq not in self._archived]
 
-    def _all_segments(self):
-        """First seqs of every segment, in the journal or in its archive."""
+    def _all_segments(self, cleanup=True):
+        """First seqs of every segment, in the journal or in its archive.
+
+        ``cleanup=False`` lists without removing leftovers: for a writer
+        listing again after it opened, when a half-made segment may be
+        its own rollover in progress.
+        """
         found = []
         for name in os.listdir(self.path):
             seq = parse_segment_name(name)
             if seq is not None:
                 found.append(seq)
-            elif (name.endswith(".tmp") and not self.readonly
+            elif (name.endswith(".tmp") and not self.readonly and cleanup
                   and parse_segment_name(name[:-len(".tmp")]) is not None):
                 # A segment whose creation was interrupted: never renamed,
                 # so never part of the journal.  Only those: other .tmp
@@ -563,6 +568,7 @@ class FileJournal:
         try:
             self._install_segment(1, header)
             self._made_segment = True
+            self._new_header_size = len(header)
         except OSError as e:
             raise JournalWriteError("could not create journal %s: %s"
                                     % (self.path, e)) from e
@@ -1067,7 +1073,7 @@ class FileJournal:
         """
         report = ScanReport()
         began = _time.perf_counter()
-        segs = self._all_segments() if self.readonly else list(self._segments)
+        segs = self._listed_now()
         stop = float("inf") if self.readonly else self.last_seq + 1
         expected = self._start_seq(segs)
         if expected > 1:
@@ -1124,10 +1130,24 @@ class FileJournal:
                 % PRUNE_STATE)
         return prev
 
+    def _listed_now(self):
+        """The segments as the directory holds them now.
+
+        A prune run by another process (``zodb-journal prune --remove``)
+        may have removed or archived segments since this journal was
+        opened: a summary or a check must not look for them where they
+        were.  A writer lists no segment past its own last one.
+        """
+        segs = self._all_segments(cleanup=False)
+        if not self.readonly:
+            segs = [seq for seq in segs if seq <= self._segments[-1]]
+        return segs
+
     def info(self):
         """A summary for operators; reads only headers and the tail."""
-        segs = self.segments()
-        start = self._start_seq(self._segments)
+        listed = self._listed_now()
+        segs = [self._segment_path(seq) for seq in listed]
+        start = self._start_seq(listed)
         return {
             "start_seq": start,
             "pruned_before": start if start > 1 else None,
@@ -1138,7 +1158,7 @@ class FileJournal:
             "format_version": FORMAT_VERSION,
             "created": self.created,
             "segments": len(segs),
-            "first_seq": self.first_seq,
+            "first_seq": listed[0],
             "last_seq": self.last_seq,
             "bytes": sum(_size(p, self._archive_dir) for p in segs),
             "torn_tail": None if self.torn_tail is None else {
@@ -1180,13 +1200,19 @@ class FileJournal:
         """
         with self._append_lock:
             self._closed = True
+            removed = False
             try:
                 if self._cut_now is not None:
                     self._restore_tail()
+                # Decided and done while the writer lock is held: once it
+                # is released another process may open this (valid, empty)
+                # journal and commit to it, and nothing of it may be
+                # removed from then on.
+                removed = self._remove_new_journal()
             finally:
                 self._release()
-            if self._made_segment and self.last_seq == 0:
-                self._remove_new_journal()
+            if removed:
+                self._remove_made_dirs()
 
     def _restore_tail(self):
         torn, self._cut_now = self._cut_now, None
@@ -1205,14 +1231,57 @@ class FileJournal:
                     torn.path, torn.size, torn.offset)
 
     def _remove_new_journal(self):
-        for name in (segment_name(1), LOCK_NAME):
-            try:
-                os.remove(os.path.join(self.path, name))
-            except FileNotFoundError:
-                pass
+        """Take away the segment and lock file this open created, if the
+        segment still holds nothing but its header; return whether it did.
+
+        Called with the writer lock held, so no other writer can append
+        meanwhile.  The size is taken from the descriptor and checked to
+        be the file at the segment's name: what was written matters, not
+        what this object believes it wrote.
+        """
+        if not self._made_segment or self._lock is None or self.last_seq:
+            return False
+        path = os.path.join(self.path, segment_name(1))
+        try:
+            on_disk = os.stat(path)
+            mine = os.fstat(self._fd) if self._fd is not None else on_disk
+        except OSError:
+            return False
+        if ((on_disk.st_dev, on_disk.st_ino) != (mine.st_dev, mine.st_ino)
+                or mine.st_size > self._new_header_size):
+            logger.warning("journal %s: not removing the new journal, its"
+                           " first segment is no longer empty", self.path)
+            return False
+        try:
+            os.remove(path)
+        except OSError:
+            return False
+        if self._made_lock:
+            self._unlink_lock_file()
+        return True
+
+    def _unlink_lock_file(self):
+        """Unlink the lock file; only ever while holding the lock on it.
+
+        A process that opened the file before this unlink and locks it
+        after our release holds a lock on a file that no longer has a
+        name, while a third process may create and lock a new one:
+        :func:`_take_lock` notices that (the locked file is not the one
+        at the lock's name) and tries again on the new file.  Unlinking
+        after the release instead could remove a lock file another
+        writer has just locked, leaving the next opener free to lock a
+        fresh one beside it.
+        """
+        try:
+            os.remove(os.path.join(self.path, LOCK_NAME))
+        except OSError:
+            pass
+
+    def _remove_made_dirs(self):
         # The directory, and the parents the open created for it (a
-        # mistyped "var/journal" makes "var" too), deepest first; a
-        # directory something else has put files in since stays.
+        # mistyped "var/journal" makes "var" too), deepest first.  Safe
+        # after the lock is released: rmdir fails on a directory something
+        # else has put files in since, and that one stays.
         for path in reversed(self._made_dir or []):
             try:
                 os.rmdir(path)
@@ -1241,8 +1310,14 @@ def _size(path, archive_dir):
     try:
         return os.path.getsize(path)
     except FileNotFoundError:
+        pass
+    try:
         return os.path.getsize(os.path.join(
             archive_dir, os.path.basename(path) + ARCHIVE_SUFFIX))
+    except FileNotFoundError:
+        raise JournalError(
+            "segment %s went away while the journal was being read (a prune"
+            " running now?): try again" % path) from None
 
 
 @contextlib.contextmanager
@@ -1604,13 +1679,40 @@ def _aside_name(segment, offset, data):
     return name
 
 
-def _take_lock(path):
+def _take_lock(path, attempts=10):
+    """Lock the journal's lock file, the one that has its name now.
+
+    A refused open of a new journal unlinks the lock file while holding
+    the lock (:meth:`FileJournal._unlink_lock_file`).  A process that
+    opened the old file just before then locks a file without a name,
+    which would not keep out the next process to create and lock the
+    name: a lock is kept only when the locked file is the one at the
+    name, otherwise it is dropped and taken again.
+    """
     lock_path = os.path.join(path, LOCK_NAME)
+    for _ in range(attempts):
+        try:
+            lock = zc.lockfile.LockFile(
+                lock_path, content_template="{pid} on {hostname}")
+        except zc.lockfile.LockError:
+            raise JournalLockedError(path, _lock_holder(lock_path)) from None
+        if _is_named(lock, lock_path):
+            return lock
+        lock.close()
+        logger.debug("journal %s: the lock file was replaced while being"
+                     " locked; locking the new one", path)
+    raise JournalLockedError(path, _lock_holder(lock_path))
+
+
+def _is_named(lock, lock_path):
+    fp = getattr(lock, "_fp", None)
+    if fp is None:  # pragma: no cover (a zc.lockfile without _fp)
+        return True
     try:
-        return zc.lockfile.LockFile(lock_path,
-                                    content_template="{pid} on {hostname}")
-    except zc.lockfile.LockError:
-        raise JournalLockedError(path, _lock_holder(lock_path)) from None
+        held, named = os.fstat(fp.fileno()), os.stat(lock_path)
+    except FileNotFoundError:
+        return False
+    return (held.st_dev, held.st_ino) == (named.st_dev, named.st_ino)
 
 
 def _lock_holder(lock_path):

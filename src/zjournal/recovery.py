@@ -276,8 +276,11 @@ def catch_up(db, journal, until_seq=None, until_time=None, batch_size=1000,
         if until_time is not None and found > 0:
             _check_not_after(journal, found, until_time, db.storage)
         if found < last:
-            check_replayable(journal.entries(found + 1, last + 1),
-                             marker.head)
+            # Only what will be replayed: an entry after the requested
+            # time (a command this code does not know, damage) is none of
+            # this restore's business.
+            check_replayable(_until(journal.entries(found + 1, last + 1),
+                                    until_time), marker.head)
         elif found < journal.last_seq:
             _check_link(journal, marker)
         logger.info("catching up seq %d..%d of journal %s", found + 1,

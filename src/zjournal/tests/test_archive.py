@@ -728,3 +728,28 @@ class TestRacesWithAWriter:
         assert entries(site.journal_dir)[:len(site.entries)] == site.entries
         with FileJournal(site.journal_dir, readonly=True) as journal:
             assert journal.verify().last_seq == last
+
+    def test_info_and_verify_of_journals_opened_before_a_remove(
+            self, site, capsys):
+        # A writer, and a reader, listed the segments prune then removes:
+        # their summaries and checks describe the journal as it is now.
+        jdb = site.open()
+        reader = FileJournal(site.journal_dir, readonly=True)
+        try:
+            status, out, err = prune(capsys, site, "--remove", "--yes")
+            assert status == 0, err
+            kept_from = site.ranges[len(site.covered)][1]
+            for journal in (jdb.journal, reader):
+                info = journal.info()
+                assert (info["start_seq"], info["first_seq"],
+                        info["segments"]) == (
+                    kept_from, kept_from,
+                    len(site.ranges) - len(site.covered))
+                report = journal.verify()
+                assert (report.first_seq, report.last_seq) == (
+                    kept_from, site.last_seq)
+            last = site.run(2, jdb)
+            assert jdb.journal.verify().last_seq == last
+        finally:
+            reader.close()
+            jdb.close()

@@ -354,6 +354,133 @@ class TestUnjournaledChanges:
         assert zodb_state(jdb) == ({"a": 1, "c": 3}, {})
 
 
+class Big(zjournal.Command):
+    """Sets one key of a mapping of many: a small change to a large
+    object."""
+    command_name = "tests.db.big"
+
+    def __init__(self, key, size=0):
+        self.key = key
+        self.size = size
+
+    def execute(self, root, context):
+        from persistent.mapping import PersistentMapping
+        if self.size:
+            root["big"] = PersistentMapping(
+                ("k%05d" % i, "v" * 20) for i in range(self.size))
+        root["big"][self.key] = context.seq
+
+
+class TestWatchAfterCommand:
+    """The savepoint after each zjournal.execute(), its cost, and the
+    option that trades the check for that cost."""
+
+    def _block_of_commands(self, jdb, monkeypatch, count):
+        """Run ``count`` commands in one transaction() block; return the
+        savepoints taken and the size of the connection's temporary
+        store at the end of the block."""
+        taken = []
+        real = transaction._transaction.Transaction.savepoint
+
+        def counted(txn, optimistic=False):
+            taken.append(optimistic)
+            return real(txn, optimistic)
+        monkeypatch.setattr(transaction._transaction.Transaction,
+                            "savepoint", counted)
+        with jdb.transaction() as conn:
+            for i in range(count):
+                zjournal.execute(conn, Big("n%d" % i))
+            tmp = conn._savepoint_storage
+            stored = 0 if tmp is None else tmp.position
+        monkeypatch.undo()
+        return taken, stored
+
+    @pytest.mark.parametrize("watch", [True, False])
+    def test_cost_per_command(self, site, monkeypatch, watch):
+        jdb = site.open(journal_kw={"fsync": "never"},
+                        watch_after_command=watch)
+        try:
+            jdb.execute(Big("first", size=2000))
+            _, one = self._block_of_commands(jdb, monkeypatch, 1)
+            taken, stored = self._block_of_commands(jdb, monkeypatch, 10)
+            assert jdb.journal.last_seq == 12
+            if watch:
+                # One pickling of the whole mapping (2000 entries, more
+                # than 10 bytes each) per command.
+                assert taken == [True] * 10
+                assert one > 2000 * 10
+                assert stored >= 10 * one
+            else:
+                assert (taken, one, stored) == ([], 0, 0)
+        finally:
+            jdb.close()
+
+    def test_execute_takes_no_savepoint_either_way(self, jdb, monkeypatch):
+        taken = []
+        real = transaction._transaction.Transaction.savepoint
+        monkeypatch.setattr(transaction._transaction.Transaction,
+                            "savepoint",
+                            lambda txn, optimistic=False: taken.append(1)
+                            or real(txn, optimistic))
+        assert jdb.watch_after_command
+        jdb.execute(Big("a", size=10))
+        jdb.execute(Big("b"))
+        assert taken == []
+
+    def test_off_a_later_change_to_a_commands_object_goes_unnoticed(
+            self, site):
+        jdb = site.open(journal_kw={"fsync": "never"},
+                        watch_after_command=False)
+        try:
+            jdb.execute(Put("a", 1))
+            with jdb.transaction() as conn:
+                zjournal.execute(conn, Put("b", 2))
+                conn.root()["table"]["unnoticed"] = 3  # the documented loss
+            assert journal_state(jdb)[-1] == (
+                2, "tests.put", {"key": "b", "value": 2})
+            assert zodb_state(jdb)[0] == {"a": 1, "b": 2, "unnoticed": 3}
+            # A first change outside a command is still refused.
+            with pytest.raises(zjournal.UnjournaledChangeError):
+                with jdb.transaction() as conn:
+                    zjournal.execute(conn, Put("c", 4))
+                    conn.root()["elsewhere"] = 5
+            assert jdb.journal.last_seq == 2
+        finally:
+            jdb.close()
+
+    def test_on_the_same_change_is_refused(self, site):
+        jdb = site.open(journal_kw={"fsync": "never"})
+        try:
+            jdb.execute(Put("a", 1))
+            with pytest.raises(zjournal.UnjournaledChangeError):
+                with jdb.transaction() as conn:
+                    zjournal.execute(conn, Put("b", 2))
+                    conn.root()["table"]["unnoticed"] = 3
+            assert jdb.journal.last_seq == 1
+        finally:
+            jdb.close()
+
+
+class TestDigestInterval:
+
+    def test_a_digest_every_n_journal_entries(self, site):
+        # Documented as N journal entries, digests included: N - 1
+        # commands between two digests once the schedule runs.
+        from zjournal.digest import DIGEST_COMMAND
+        jdb = site.open(journal_kw={"fsync": "never"}, digest_interval=5)
+        try:
+            for i in range(22):
+                jdb.execute(Put("k%d" % i, i))
+            names = [e.command_name for e in jdb.journal.entries()]
+        finally:
+            jdb.close()
+        digests = [i + 1 for i, n in enumerate(names)
+                   if n == DIGEST_COMMAND]
+        assert digests and all(seq % 5 == 1 for seq in digests)
+        between = [b - a - 1 for a, b in zip(digests, digests[1:])]
+        assert between and set(between) == {4}
+
+
 class TestLifecycle:
 
     def test_close_releases_the_lock(self, site):
@@ -471,6 +598,36 @@ class TestCatchUp:
         assert jdb.catch_up().action == "current"
         assert not jdb.needs_catch_up
         assert len(calls) == 2
+
+    @pytest.mark.parametrize("how", ["assignment", "method"])
+    def test_a_flag_set_during_the_replay_survives_it(self, jdb,
+                                                      monkeypatch, how):
+        # Another thread's data manager finds the journal ahead while
+        # this catch-up replays: its request must not be cleared by it.
+        from zjournal import recovery
+        real = recovery.recover
+
+        def another_thread_falls_behind():
+            if how == "assignment":  # as datamanager.py does today
+                jdb._needs_catch_up = True
+            else:
+                jdb._note_behind()
+
+        def replay_while_another_thread_votes(*args, **kw):
+            found = real(*args, **kw)
+            other = threading.Thread(target=another_thread_falls_behind)
+            other.start()
+            other.join()
+            return found
+
+        monkeypatch.setattr(recovery, "recover",
+                            replay_while_another_thread_votes)
+        jdb._needs_catch_up = True
+        jdb.catch_up()
+        assert jdb.needs_catch_up
+        monkeypatch.setattr(recovery, "recover", real)
+        jdb.catch_up()
+        assert not jdb.needs_catch_up
 
     def test_the_flag_stays_set_until_the_replay_is_done(self, jdb,
                                                           monkeypatch):

@@ -1312,6 +1312,82 @@ class TestCorruption:
             j.close()
 
 
+# -- a refused open of a new journal ----------------------------------------
+
+class TestRefusedNewJournal:
+    """close_refused() takes a new, empty journal away again, but never
+    what another writer committed to it."""
+
+    def test_a_writer_opening_after_the_release_keeps_its_records(
+            self, tmp_path, monkeypatch):
+        path = tmp_path / "var" / "journal"
+        refused = _makeOne(path)
+        other = []
+        release = FileJournal._release
+
+        def release_then_another_process_opens(self):
+            release(self)
+            if self is refused and not other:
+                # The window: the lock is free, the journal valid and empty.
+                other.append(_makeOne(path))
+                _fill(other[0], 3)
+        monkeypatch.setattr(FileJournal, "_release",
+                            release_then_another_process_opens)
+        refused.close_refused()
+        monkeypatch.undo()
+        writer = other[0]
+        _fill(writer, 1)
+        writer.close()
+        reader = _makeOne(path, readonly=True)
+        assert [e.seq for e in reader.entries()] == [1, 2, 3, 4]
+        assert os.path.exists(os.path.join(str(path), "journal.lock"))
+
+    def test_no_other_writer_leaves_nothing_behind(self, tmp_path):
+        path = tmp_path / "var" / "journal"
+        _makeOne(path).close_refused()
+        assert os.listdir(str(tmp_path)) == []
+
+    def test_a_segment_with_bytes_on_disk_stays(self, tmp_path):
+        # The decision is taken from the file, not from what this open
+        # believes it wrote.
+        donor = _makeOne(tmp_path / "donor")
+        _fill(donor, 1)
+        donor.close()
+        record = _read(_segment(tmp_path / "donor"))[HEADER:]
+        path = tmp_path / "j"
+        refused = _makeOne(path)
+        with open(_segment(path), "ab") as f:
+            f.write(record)
+        refused.close_refused()
+        assert _read(_segment(path))[HEADER:] == record
+
+    def test_a_lock_taken_on_an_unlinked_lock_file_is_taken_again(
+            self, tmp_path, monkeypatch):
+        # A process that opened the lock file just before a refused open
+        # unlinked it locks a file without a name after the release; a
+        # third process would create and lock a new one beside it.
+        real = zjournal.journal.zc.lockfile.LockFile
+        calls = []
+
+        def lock_then_name_goes(lock_path, **kw):
+            lock = real(lock_path, **kw)
+            calls.append(lock_path)
+            if len(calls) == 1:
+                os.remove(lock_path)
+            return lock
+        monkeypatch.setattr(zjournal.journal.zc.lockfile, "LockFile",
+                            lock_then_name_goes)
+        j = _makeOne(tmp_path)
+        monkeypatch.undo()
+        try:
+            assert len(calls) == 2
+            assert zjournal.journal.writer_active(str(tmp_path))
+            with pytest.raises(JournalLockedError):
+                _makeOne(tmp_path)
+        finally:
+            j.close()
+
+
 # -- locking -------------------------------------------------------------
 
 class TestLocking:

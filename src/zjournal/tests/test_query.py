@@ -177,3 +177,88 @@ class TestMetadata:
         assert conn.root()[MARKER_KEY].head == jdb.journal.head
         conn.close()
         jdb.close()
+
+
+class NoSavepoints:
+    """A resource without savepoint support, as many mail and queue data
+    managers are."""
+
+    def __init__(self):
+        self.calls = []
+
+    def abort(self, txn):
+        self.calls.append("abort")
+
+    def tpc_begin(self, txn):
+        pass
+
+    def commit(self, txn):
+        self.calls.append("commit")
+
+    def tpc_vote(self, txn):
+        pass
+
+    def tpc_finish(self, txn):
+        self.calls.append("finish")
+
+    def tpc_abort(self, txn):
+        self.calls.append("tpc_abort")
+
+    def sortKey(self):
+        return "tests.query.nosavepoints"
+
+
+class Failing(Command):
+    """A query that fails after reading."""
+    command_name = "tests.query.failing"
+
+    def execute(self, root, context):
+        root.get("table")
+        raise KeyError("not there")
+
+
+class TestQueryBesideAResourceWithoutSavepoints:
+
+    def test_the_transaction_still_commits(self, site):
+        jdb = site.open(allow_unjournaled=True)
+        tm = transaction.TransactionManager(explicit=True)
+        conn = jdb.open(tm)
+        try:
+            jdb.execute(Put("a", 1))
+            tm.begin()
+            other = NoSavepoints()
+            tm.get().join(other)
+            conn.root()["cache"] = 1  # allowed, and changed before the query
+            assert zjournal.query(conn, Lookup("a")) == 1
+            with pytest.raises(KeyError):
+                zjournal.query(conn, Failing())
+            tm.commit()
+            assert other.calls == ["commit", "finish"]
+        finally:
+            conn.close()
+        view = jdb.open()
+        try:
+            assert view.root()["cache"] == 1
+        finally:
+            view.close()
+            jdb.close()
+
+    def test_a_write_is_still_refused(self, site):
+        jdb = site.open()
+        tm = transaction.TransactionManager(explicit=True)
+        conn = jdb.open(tm)
+        try:
+            tm.begin()
+            tm.get().join(NoSavepoints())
+            zjournal.execute(conn, Put("a", 1))
+            # The table was changed by the command: the query's change to
+            # it is seen all the same.
+            with pytest.raises(QueryWriteError):
+                zjournal.query(conn, SneakyWrite())
+            with pytest.raises(Exception):
+                tm.commit()
+            tm.abort()
+        finally:
+            conn.close()
+        assert jdb.journal.last_seq == 0
+        jdb.close()

@@ -101,6 +101,25 @@ class Shop:
             return {e.seq: e.time for e in journal.entries()}
 
 
+# Run in a process of its own, so that the restoring test process does
+# not know the command.
+LATER_COMMAND = """
+import sys
+import ZODB, ZODB.FileStorage
+from zjournal import Command, FileJournal, JournaledDB
+
+class Later(Command):
+    command_name = "tests.restore.later"
+    def execute(self, root, context):
+        root["later"] = 1
+
+jdb = JournaledDB(ZODB.DB(ZODB.FileStorage.FileStorage(sys.argv[1])),
+                  FileJournal(sys.argv[2], fsync="never", segment_size=1500))
+jdb.execute(Later())
+jdb.close()
+"""
+
+
 @pytest.fixture
 def shop(tmp_path):
     """40 commands, a repozo backup, 40 more."""
@@ -164,6 +183,37 @@ class TestRestoreFromRepozo:
         state, seq, _ = read_zodb(target)
         assert seq == until
         assert state == shop.expected(until)
+
+    def test_at_a_time_before_a_command_this_code_does_not_know(
+            self, shop, tmp_path, capsys):
+        # Another process (a newer release of the application) journaled
+        # a command the restoring code cannot import, after the requested
+        # time: it is not replayed, so it must not refuse the restore.
+        time.sleep(0.002)
+        subprocess.run([sys.executable, "-c", LATER_COMMAND, shop.data_fs,
+                        shop.journal_dir], check=True, timeout=60)
+        with shop.journal() as journal:
+            last = list(journal.entries(shop.last_seq, None))
+        assert [e.command_name for e in last] == [
+            last[0].command_name, "tests.restore.later"]
+        assert int(last[0].time * 1e6) < int(last[1].time * 1e6)
+        when = datetime.datetime.fromtimestamp(
+            last[0].time, datetime.timezone.utc).isoformat()
+        target = str(tmp_path / "restored.fs")
+        status, out, err = run(capsys, "restore", shop.journal_dir,
+                               "--from", shop.repozo, "--zodb", target,
+                               "--import", EXAMPLES, "--until", when)
+        assert status == 0, err
+        assert read_zodb(target)[:2] == (shop.expected(shop.last_seq),
+                                         shop.last_seq)
+        # Up to the end it is still refused, before anything is written.
+        again = str(tmp_path / "again.fs")
+        status, out, err = run(capsys, "restore", shop.journal_dir,
+                               "--from", shop.repozo, "--zodb", again,
+                               "--import", EXAMPLES)
+        assert status != 0
+        assert "tests.restore.later" in err
+        assert leftovers(again) == []
 
     def test_backup_date_picks_an_older_backup(self, shop, tmp_path,
                                                capsys):
