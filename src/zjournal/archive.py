@@ -400,17 +400,38 @@ def _archive_all(plan, report):
     directory = plan.journal.path
     _make_dir(plan.archive_dir)
     _clear_leftovers(plan.archive_dir)
-    default = os.path.join(directory, ARCHIVE_DIR)
-    if plan.archive_dir != default:
-        _update_state(directory, plan.journal.created,
-                      archive=plan.archive_dir)
+    state = read_prune_state(directory) or {}
+    recorded = os.path.abspath(archive_dir_of(directory, state))
+    moved = recorded != os.path.abspath(plan.archive_dir)
+    if moved:
+        # Named before the first segment leaves the journal directory: a
+        # reader must find it in the archive from that moment on.  The
+        # default place goes unnamed, so a stale name (a first attempt
+        # into another place that archived nothing) goes with it.
+        _set_archive(directory, plan.journal.created, None if (
+            os.path.abspath(plan.archive_dir) == os.path.abspath(
+                os.path.join(directory, ARCHIVE_DIR)))
+            else plan.archive_dir)
     done = []
-    for segment in plan.segments:
-        archive_segment(segment.path, _archived_path(plan, segment),
-                        directory)
-        done.append(segment)
-        if report is not None:
-            report("archived %s" % os.path.basename(segment.path))
+    try:
+        for segment in plan.segments:
+            archive_segment(segment.path, _archived_path(plan, segment),
+                            directory)
+            done.append(segment)
+            if report is not None:
+                report("archived %s" % os.path.basename(segment.path))
+    except BaseException:
+        if moved and not any(os.path.exists(_archived_path(plan, segment))
+                             for segment in plan.segments):
+            # Nothing reached the new place: name the old one again,
+            # rather than an empty directory a retry may not use.
+            if state:
+                _set_archive(directory, plan.journal.created,
+                             state.get("archive"))
+            else:
+                _unlink(os.path.join(directory, PRUNE_STATE))
+                _sync_dir(directory)
+        raise
     logger.info("archived %d segments of %s into %s", len(done), directory,
                 plan.archive_dir)
     return done
@@ -489,11 +510,23 @@ def _remove_all(plan, report):
     return done
 
 
-def _update_state(directory, created, **changes):
-    """Write ``pruned.json`` with ``changes``, atomically and durably."""
+def _set_archive(directory, created, place):
+    """Name ``place`` as the archive in ``pruned.json`` (None: the
+    default place, which goes unnamed)."""
+    if place is None:
+        _update_state(directory, created, drop=("archive",))
+    else:
+        _update_state(directory, created, archive=place)
+
+
+def _update_state(directory, created, drop=(), **changes):
+    """Write ``pruned.json`` with ``changes``, without the keys in
+    ``drop``, atomically and durably."""
     state = read_prune_state(directory) or {}
     state.setdefault("created", created)
     state.update(changes)
+    for key in drop:
+        state.pop(key, None)
     state["updated"] = time.time()
     path = os.path.join(directory, PRUNE_STATE)
     tmp = path + ".tmp"

@@ -213,8 +213,10 @@ def _parser():
                    help="FileStorage path or zodburi URI of the new ZODB")
     _import_option(p, required=True)
     p.add_argument("--until", metavar="SEQ_OR_ISOTIME",
-                   help="stop after this seq, or after the last command"
-                        " executed at or before this time")
+                   help="stop after this seq (exact: a seq inside a"
+                        " transaction is warned about), or after the"
+                        " last transaction that committed at or before"
+                        " this time")
     p.add_argument("--batch-size", type=int, default=1000, metavar="N",
                    help="commands per ZODB commit (default 1000)")
     p.add_argument("--skip-unknown", action="store_true",
@@ -722,6 +724,7 @@ def cmd_rebuild(args):
                 for path in created:
                     _remove(path)
     note_torn_tail(journal)
+    note_warnings("rebuild", result)
     rate = result.replayed / max(result.seconds, 1e-9)
     print("rebuilt %s from %s: %s commands in %.2fs (%.0f commands/s)"
           % (args.zodb, journal.path, format(result.replayed, ","),
@@ -746,6 +749,18 @@ def note_torn_tail(journal):
               " bytes at %s:%d, %s): a copy taken while the application"
               " wrote, or a writer that died; it was not replayed"
               % (torn.size, torn.path, torn.offset, torn.reason),
+              file=sys.stderr)
+
+
+def note_warnings(command, result):
+    """Repeat on stderr what a replay that succeeded warned about.
+
+    The warnings were logged, but an operator running the tool by hand
+    reads its output: a result cut inside a transaction, or short of the
+    requested seq, must not look like the plain success it resembles.
+    """
+    for message in getattr(result, "warnings", ()):
+        print("zodb-journal %s: warning: %s" % (command, message),
               file=sys.stderr)
 
 

@@ -31,8 +31,12 @@ transaction may be in the middle of being written, or torn by a writer
 that died; a reader cannot tell which, and needs not: it is "not yet",
 and the writer cuts a torn one when it restarts.  Damage anywhere else
 is an error.  A restarting writer may cut and rewrite the tail while the
-follower reads it, which can look like damage for one read; damage is
-believed once it is found at the same place for ``DAMAGE_SECONDS``.
+follower reads it, which can look like damage for one read; damage in
+the last segment is believed once it is found at the same place for
+``DAMAGE_SECONDS`` (``--once`` reads again for that long before it
+fails).  No writer touches a segment it rolled over from, so damage there
+is believed at once (after one more read, in case the writer rolled over
+while the follower read).
 
 Batches end at transaction boundaries and each commits the marker with
 the effects, so a reader of the replica never sees part of a journal
@@ -376,6 +380,16 @@ class FileSource:
     def wait(self, timeout, wake):
         select.select([wake], [], [], timeout)
 
+    def is_closed(self, path):
+        """Whether ``path`` is a segment that the writer rolled over
+        from, so that no writer repairs it."""
+        if path is None or os.path.dirname(os.path.abspath(path)) != (
+                os.path.abspath(self.journal.path)):
+            return False
+        segs = self.journal._list_segments()
+        return os.path.basename(path) in {segment_name(s)
+                                          for s in segs[:-1]}
+
     def close(self):
         self._close_stream()
 
@@ -427,6 +441,9 @@ class SQLSource:
 
     def last_seq(self):
         return max(self.journal.last_seq, self.next_seq - 1)
+
+    def is_closed(self, path):
+        return False
 
     def wait(self, timeout, wake):
         if self.listener is None:
@@ -559,10 +576,19 @@ class Follower:
             while not self._stopping:
                 self.poll()
                 self._report()
-                if once or self._stopping:
+                if self._stopping:
                     break
-                self._source.wait(min(self.interval, self._due()),
-                                  self._wake)
+                if once:
+                    if self._damage is None:
+                        break
+                    # Damage, perhaps a writer repairing its tail: read
+                    # again until it is gone or believed (and raised);
+                    # exiting now would call a damaged journal current.
+                    self._source.wait(min(self.interval, DAMAGE_SECONDS
+                                          / DAMAGE_READS), self._wake)
+                else:
+                    self._source.wait(min(self.interval, self._due()),
+                                      self._wake)
                 self._drain()
         except BaseException as e:
             self.state = "failed"
@@ -644,8 +670,18 @@ class Follower:
 
     def _read(self):
         try:
-            batch = self._source.read(self.batch_size)
+            try:
+                batch = self._source.read(self.batch_size)
+            except CorruptJournalError as e:
+                if not self._source.is_closed(e.path):
+                    raise
+                # A closed segment changes no more: one more read tells a
+                # roll-over during the read from damage, which it raises.
+                batch = self._source.read(self.batch_size)
         except CorruptJournalError as e:
+            if self._source.is_closed(e.path):
+                self._damage = None
+                raise
             where = (e.path, e.offset, e.seq)
             now = time.monotonic()
             if self._damage is None or self._damage[0] != where:

@@ -25,7 +25,6 @@ resumes from.
 """
 import contextlib
 import datetime
-import itertools
 import logging
 import sys
 import time
@@ -44,6 +43,7 @@ from zjournal.errors import NotJournaledError
 from zjournal.errors import ReplayError
 from zjournal.errors import WrongJournalError
 from zjournal.errors import ZODBAheadError
+from zjournal.format import FLAG_END
 from zjournal.format import FLAG_QUERY
 from zjournal.marker import MARKER_KEY
 from zjournal.marker import Marker
@@ -64,6 +64,13 @@ class Recovery:
         # (seq, command name, reason) of entries a forensic rebuild
         # skipped because this code cannot decode them.
         self.skipped = list(skipped)
+        # (first, last) of the journal transaction an --until seq cut
+        # through: the result holds a state no one ever committed.
+        self.partial_transaction = None
+        # What an operator must hear although the replay succeeded (a cut
+        # transaction, an --until past the journal's end): the CLI prints
+        # these on stderr; they were logged as warnings too.
+        self.warnings = []
 
     def __repr__(self):
         return "<Recovery %s marker=%s journal=%d replayed=%d>" % (
@@ -175,9 +182,14 @@ def rebuild(db, journal, until_seq=None, until_time=None, batch_size=1000,
     """Replay ``journal`` into the empty ZODB ``db``; return a Recovery.
 
     ``until_seq`` (inclusive) or ``until_time`` (seconds since the
-    epoch, or an aware ``datetime``; inclusive) stop the replay early:
-    the result is the state right after that command, with a marker
-    saying so.  ``journal`` may be read-only.
+    epoch, or an aware ``datetime``; inclusive) stop the replay early,
+    with a marker saying where.  A seq is exact, since recovery to any
+    single command is the point: a seq inside a journal transaction gives
+    a state the live system never committed, which the result's
+    ``partial_transaction`` and ``warnings`` say (and the log).  A time
+    is transaction-granular: the state as of that time holds the
+    transactions whose last command ran at or before it, and nothing of
+    the one in progress then.  ``journal`` may be read-only.
 
     ``skip_unknown`` is for forensics: entries this code cannot decode
     (an unknown name or version, hostile or damaged arguments) are passed
@@ -197,6 +209,7 @@ def rebuild(db, journal, until_seq=None, until_time=None, batch_size=1000,
                 " into a new, empty storage"
                 % ", ".join(sorted(map(str, root))[:5]))
         _check_from_scratch(journal)
+        notes = _until_seq_notes(journal, until_seq)
         root[MARKER_KEY] = Marker(journal.identity, 0)
         entries = _until(journal.entries(1, last + 1), until_time)
         skipped = [] if skip_unknown else None
@@ -210,8 +223,10 @@ def rebuild(db, journal, until_seq=None, until_time=None, batch_size=1000,
     if skipped:
         logger.warning("rebuild skipped %d entries it could not decode",
                        len(skipped))
-    return Recovery("rebuilt", None, journal.last_seq, n, seconds,
-                    skipped or ())
+    result = Recovery("rebuilt", None, journal.last_seq, n, seconds,
+                      skipped or ())
+    _attach_notes(result, notes)
+    return result
 
 
 def _check_from_scratch(journal):
@@ -223,17 +238,100 @@ def _check_from_scratch(journal):
 
 
 def _until(entries, until_time):
-    """``entries`` up to the last one executed at or before ``until_time``
+    """``entries`` of the transactions committed by ``until_time``
     (seconds since the epoch, or an aware datetime compared at the
-    precision dump shows, microseconds)."""
-    if isinstance(until_time, datetime.datetime):
-        return itertools.takewhile(
-            lambda entry: datetime.datetime.fromtimestamp(
-                entry.time, datetime.timezone.utc) <= until_time, entries)
-    if until_time is not None:
-        return itertools.takewhile(
-            lambda entry: entry.time <= until_time, entries)
-    return entries
+    precision dump shows, microseconds).
+
+    A transaction counts when its last record (the one with FLAG_END) ran
+    at or before that time: a command of a transaction still in progress
+    then was not yet part of any state someone could see, and stopping
+    after it would give one the live system never had.
+    """
+    if until_time is None:
+        return entries
+    return _committed_by(entries, until_time)
+
+
+def _committed_by(entries, until_time):
+    pending = []
+    for entry in entries:
+        pending.append(entry)
+        if entry[2] & FLAG_END:
+            if _after(entry[1], until_time):
+                return
+            yield from pending
+            pending = []
+
+
+def _transaction_of(journal, seq):
+    """``(first, last)``: the seqs of the journal transaction holding
+    ``seq``, as far as the journal still holds it.
+
+    Read backwards in growing windows for the previous FLAG_END, since
+    entries are read forwards only; transactions are short, so this reads
+    a few records.
+    """
+    last = None
+    for entry in journal.entries(seq):
+        if entry[2] & FLAG_END:
+            last = entry[0]
+            break
+    floor = max(getattr(journal, "start_seq", 1), 1)
+    high, window = seq, 16
+    while high > floor:
+        low = max(floor, high - window)
+        try:
+            ends = [e[0] for e in journal.entries(low, high)
+                    if e[2] & FLAG_END]
+        except JournalPrunedError:
+            return high, last
+        if ends:
+            return ends[-1] + 1, last
+        high, window = low, window * 2
+    return floor, last
+
+
+def _until_seq_notes(journal, until_seq):
+    """Warnings about an ``--until`` seq that is no committed state:
+    ``[(message, partial_transaction)]``."""
+    if until_seq is None:
+        return []
+    end = journal.last_seq
+    if until_seq > end:
+        return [("the journal ends at seq %d, before the requested seq %d:"
+                 " the result is the state at seq %d. Is this a stale copy"
+                 " of the journal?" % (end, until_seq, end), None)]
+    try:
+        entry = next(iter(journal.entries(until_seq, until_seq + 1)), None)
+    except JournalPrunedError:
+        return []  # a backup's own seq, removed by prune: a commit point
+    if entry is None or entry[2] & FLAG_END:
+        return []
+    first, last = _transaction_of(journal, until_seq)
+    if last is None:
+        # A transaction the journal does not finish: a torn tail that a
+        # reader leaves in place is not read at all, so this is unusual.
+        return [("seq %d is inside a transaction that starts at seq %d and"
+                 " that the journal does not finish: the result holds part"
+                 " of it, a state the live system never committed; --until"
+                 " %d gives a committed state"
+                 % (until_seq, first, first - 1), (first, None))]
+    if first > 1:
+        advice = "--until %d or --until %d give committed states" % (
+            first - 1, last)
+    else:
+        advice = "--until %d gives a committed state" % last
+    return [("seq %d is inside transaction %d..%d: the result holds part of"
+             " it, a state the live system never committed; %s"
+             % (until_seq, first, last, advice), (first, last))]
+
+
+def _attach_notes(result, notes):
+    for message, partial in notes:
+        logger.warning("%s", message)
+        result.warnings.append(message)
+        if partial is not None:
+            result.partial_transaction = partial
 
 
 def _after(time, until_time):
@@ -249,7 +347,9 @@ def catch_up(db, journal, until_seq=None, until_time=None, batch_size=1000,
 
     The point-in-time half of a restore: ``db`` is a copy of a backup,
     whose marker says where the journal resumes.  ``until_seq`` and
-    ``until_time`` are inclusive, as for :func:`rebuild`; a marker
+    ``until_time`` are inclusive and mean what they mean for
+    :func:`rebuild` (a seq is exact and a cut transaction is reported; a
+    time counts whole transactions); a marker
     already beyond them raises :class:`BackupTooNewError`, since replay
     cannot go back.  Everything is checked (journal identity, history,
     decodability) before the first commit.  Returns a :class:`Recovery`
@@ -275,14 +375,18 @@ def catch_up(db, journal, until_seq=None, until_time=None, batch_size=1000,
                 % (found, until_seq, until_seq))
         if until_time is not None and found > 0:
             _check_not_after(journal, found, until_time, db.storage)
+        notes = _until_seq_notes(journal, until_seq)
+        if found < journal.last_seq:
+            # Whether or not anything will be replayed: a backup of
+            # another history must be refused even when the requested
+            # point is the backup's own.
+            _check_link(journal, marker)
         if found < last:
             # Only what will be replayed: an entry after the requested
             # time (a command this code does not know, damage) is none of
             # this restore's business.
             check_replayable(_until(journal.entries(found + 1, last + 1),
                                     until_time), marker.head)
-        elif found < journal.last_seq:
-            _check_link(journal, marker)
         logger.info("catching up seq %d..%d of journal %s", found + 1,
                     last, journal.path)
         n = replay(tm, conn, _until(journal.entries(found + 1, last + 1),
@@ -295,6 +399,7 @@ def catch_up(db, journal, until_seq=None, until_time=None, batch_size=1000,
     result = Recovery("caught up" if n else "current", found,
                       journal.last_seq, n, seconds)
     result.restored_seq = last
+    _attach_notes(result, notes)
     return result
 
 

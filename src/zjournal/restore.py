@@ -17,7 +17,8 @@ ZODB, in two steps:
 A backup whose marker is already past ``--until`` cannot go back: the
 restore refuses and says which backup would do.  TARGET must not exist or
 be empty.  When the restore fails, the FileStorage files it created (a
-path or a ``file://`` URI) are removed, so it can simply be run again; a
+path or a ``file://`` URI) are removed, and an empty file that was there
+is made empty again, so it can simply be run again; a
 storage behind another URI (ZEO, RelStorage...) cannot be deleted by
 zjournal, so it is left as the failure left it, possibly holding part of
 the backup, and the error says to empty it (or pick another) before the
@@ -63,9 +64,10 @@ def add_subcommands(sub):
                         " that must not exist or be empty")
     cli._import_option(p, required=True)
     p.add_argument("--until", metavar="SEQ_OR_ISOTIME",
-                   help="stop after this seq, or after the last command"
-                        " executed at or before this time (default: the"
-                        " end of the journal)")
+                   help="stop after this seq (exact: a seq inside a"
+                        " transaction is warned about), or after the"
+                        " last transaction that committed at or before"
+                        " this time (default: the end of the journal)")
     p.add_argument("--backup-date", metavar="DATE",
                    help="repozo only: recover the last backup taken at or"
                         " before DATE (ISO 8601 or yyyy-mm-dd-hh-mm-ss, UTC)"
@@ -85,7 +87,7 @@ def cmd_restore(args):
                        " directory), not to %s" % args.source)
     began = time.perf_counter()
     with cli.open_journal(args.journal) as journal:
-        created = _refuse_occupied(args.zodb)
+        created, kept = _refuse_occupied(args.zodb)
         progress = recovery.Progress("restore", tty=sys.stderr.isatty())
         ok = False
         try:
@@ -107,11 +109,14 @@ def cmd_restore(args):
             if not ok:
                 for path in created:
                     _remove(path)
+                for path, content in kept.items():
+                    _put_back(path, content)
                 if "://" in args.zodb and not args.zodb.startswith(
                         "file://"):
                     _warn_partial(args.zodb)
     seconds = time.perf_counter() - began
     cli.note_torn_tail(journal)
+    cli.note_warnings("restore", result)
     print("restored %s from %s (%s): the backup was at seq %d"
           % (args.zodb, args.source, copied, result.marker_seq))
     if result.replayed:
@@ -220,16 +225,19 @@ def _open(spec):
 
 
 def _refuse_occupied(target):
-    """Refuse a non-empty target; return the files a failure removes."""
+    """Refuse a non-empty target.
+
+    Returns ``(created, kept)``: the files a failure removes, and
+    ``{path: content}`` of the empty files that were there (a failure
+    puts their content back, so that the retry finds them as empty as
+    the first try did).
+    """
     if target.startswith("file://"):
         # Looked at, not opened: opening a FileStorage read-write may
         # write its index, and a refusal changes nothing.
         import urllib.parse
-        path = urllib.parse.urlsplit(target).path
-        _refuse_occupied(path)
-        return [path + s for s in cli.FILESTORAGE_SUFFIXES
-                if not os.path.exists(path + s)]
-    if "://" in target:
+        target = urllib.parse.urlsplit(target).path
+    elif "://" in target:
         created = []
         storage = _open_storage(target)
         try:
@@ -239,12 +247,16 @@ def _refuse_occupied(target):
         if not empty:
             raise CLIError("%s is not empty; restore into a new, empty"
                            " storage" % target)
-        return created
-    if os.path.exists(target) and os.path.getsize(target) > 4:
-        raise CLIError("%s exists and is not empty; restore into a new path"
-                       % target)
+        return created, {}
+    kept = {}
+    if os.path.exists(target):
+        if os.path.getsize(target) > 4:
+            raise CLIError("%s exists and is not empty; restore into a new"
+                           " path" % target)
+        with open(target, "rb") as f:
+            kept[target] = f.read()
     return [target + s for s in cli.FILESTORAGE_SUFFIXES + (".part",)
-            if not os.path.exists(target + s)]
+            if not os.path.exists(target + s)], kept
 
 
 def _warn_partial(target):
@@ -290,6 +302,17 @@ def _older_backups(source):
         return ""
     return ("; backups in %s were taken at (UTC): %s; pick one with"
             " --backup-date" % (source, ", ".join(dates)))
+
+
+def _put_back(path, content):
+    """Return a file that was there, empty, to what it held."""
+    try:
+        with open(path, "r+b") as f:
+            f.write(content)
+            f.truncate(len(content))
+    except FileNotFoundError:
+        with open(path, "wb") as f:
+            f.write(content)
 
 
 def _remove(path):

@@ -753,3 +753,81 @@ class TestRacesWithAWriter:
         finally:
             reader.close()
             jdb.close()
+
+
+class TestArchivePlace:
+    """``pruned.json`` names the archive readers look in; a first try
+    into another place that archived nothing must not leave it naming
+    that (empty) place."""
+
+    def _state(self, site):
+        with open(os.path.join(site.journal_dir, PRUNE_STATE)) as f:
+            return json.load(f)
+
+    def _check_readable(self, site, capsys):
+        status, out, err = run(capsys, "verify", site.journal_dir)
+        assert status == 0, out + err
+        assert entries(site.journal_dir)[:len(site.entries)] == site.entries
+
+    def test_a_failure_before_anything_is_archived_is_rolled_back(
+            self, site, capsys, tmp_path, monkeypatch):
+        from zjournal import archive
+
+        def disk_full(source, target, journal_dir):
+            raise OSError(28, "No space left on device", target)
+
+        monkeypatch.setattr(archive, "archive_segment", disk_full)
+        other = str(tmp_path / "elsewhere")
+        status, out, err = prune(capsys, site, "--archive", other, "--yes")
+        assert status != 0
+        assert "No space left" in err
+        # As before the try: no prune state at all.
+        assert not os.path.exists(os.path.join(site.journal_dir,
+                                               PRUNE_STATE))
+        monkeypatch.undo()
+        default = os.path.join(site.journal_dir, "archive")
+        status, out, err = prune(capsys, site, "--archive", default, "--yes")
+        assert status == 0, err
+        assert sorted(os.listdir(default)) == [n + ".gz"
+                                               for n in site.covered]
+        self._check_readable(site, capsys)
+
+    def test_a_kill_before_anything_is_archived_then_the_default(
+            self, site, capsys, tmp_path):
+        other = str(tmp_path / "elsewhere")
+        env = dict(os.environ, ZJOURNAL_KILL_AT="archive.after-write",
+                   ZJOURNAL_KILL_COUNT="1")
+        done = subprocess.run(
+            [sys.executable, "-m", "zjournal.cli", "prune",
+             site.journal_dir, "--covered-by", site.backup, "--archive",
+             other, "--yes"], env=env, capture_output=True, text=True,
+            timeout=60)
+        assert done.returncode == -signal.SIGKILL, done.stderr
+        # Killed: nothing could roll back the name of the new place.
+        assert self._state(site)["archive"] == other
+        assert not [n for n in os.listdir(other) if n.endswith(".gz")]
+        default = os.path.join(site.journal_dir, "archive")
+        status, out, err = prune(capsys, site, "--archive", default, "--yes")
+        assert status == 0, err
+        assert "archive" not in self._state(site)
+        assert sorted(os.listdir(default)) == [n + ".gz"
+                                               for n in site.covered]
+        self._check_readable(site, capsys)
+        # And a writer reopens it where it was.
+        with FileJournal(site.journal_dir) as journal:
+            assert journal.last_seq == site.last_seq
+
+    def test_moving_to_another_place_while_nothing_is_archived(
+            self, site, capsys, tmp_path):
+        from zjournal.archive import _update_state
+        with FileJournal(site.journal_dir, readonly=True) as journal:
+            created = journal.created
+        _update_state(site.journal_dir, created,
+                      archive=str(tmp_path / "first"))
+        second = str(tmp_path / "second")
+        status, out, err = prune(capsys, site, "--archive", second, "--yes")
+        assert status == 0, err
+        assert self._state(site)["archive"] == second
+        assert sorted(os.listdir(second)) == [n + ".gz"
+                                              for n in site.covered]
+        self._check_readable(site, capsys)

@@ -906,6 +906,81 @@ def test_rebuild_until_the_time_dump_shows_for_an_entry(shared, tmp_path,
     assert state == shared.states[entry.seq]
 
 
+
+@pytest.fixture
+def in_transactions(tmp_path):
+    """seq 1, then seq 2..4 in one transaction, then seq 5: (journal
+    directory, the live state after each transaction by seq)."""
+    import zjournal
+    journal_dir = tmp_path / "journal"
+    jdb = open_writer(journal_dir, tmp_path / "Data.fs")
+    states = {0: live_state(jdb)}
+    try:
+        jdb.execute(examples.Put("a", 0))
+        states[1] = live_state(jdb)
+        with jdb.transaction() as conn:
+            for key in "abc":
+                time.sleep(0.01)
+                zjournal.execute(conn, examples.Put(key, 1))
+        states[4] = live_state(jdb)
+        time.sleep(0.01)
+        jdb.execute(examples.Put("d", 1))
+        states[5] = live_state(jdb)
+    finally:
+        jdb.close()
+    return journal_dir, states
+
+
+def test_rebuild_until_a_seq_inside_a_transaction_warns(
+        in_transactions, tmp_path, capsys):
+    journal_dir, states = in_transactions
+    target = tmp_path / "Cut.fs"
+    status, out, err = run(capsys, "rebuild", journal_dir, "--zodb", target,
+                           "--import", EXAMPLES, "--until", 2)
+    assert status == 0, err
+    state, _, last_seq = read_zodb(target)
+    assert last_seq == 2
+    assert state not in states.values()
+    assert ("zodb-journal rebuild: warning: seq 2 is inside transaction"
+            " 2..4: the result holds part of it, a state the live system"
+            " never committed; --until 1 or --until 4 give committed"
+            " states") in err
+    for until in (1, 4):
+        target = tmp_path / ("At%d.fs" % until)
+        status, out, err = run(capsys, "rebuild", journal_dir, "--zodb",
+                               target, "--import", EXAMPLES, "--until",
+                               until)
+        assert status == 0, err
+        assert "warning" not in err
+        assert read_zodb(target)[0] == states[until]
+
+
+def test_rebuild_until_a_time_inside_a_transaction_stops_before_it(
+        in_transactions, tmp_path, capsys):
+    journal_dir, states = in_transactions
+    times = {e.seq: e.time for e in readonly_entries(journal_dir)}
+    for seq in (2, 3):
+        target = tmp_path / ("During%d.fs" % seq)
+        status, out, err = run(capsys, "rebuild", journal_dir, "--zodb",
+                               target, "--import", EXAMPLES, "--until",
+                               iso_utc((times[seq] + times[seq + 1]) / 2))
+        assert status == 0, err
+        state, _, last_seq = read_zodb(target)
+        assert (state, last_seq) == (states[1], 1)
+
+
+def test_rebuild_until_beyond_the_journal_warns(in_transactions, tmp_path,
+                                                capsys):
+    journal_dir, states = in_transactions
+    target = tmp_path / "Beyond.fs"
+    status, out, err = run(capsys, "rebuild", journal_dir, "--zodb", target,
+                           "--import", EXAMPLES, "--until", 9)
+    assert status == 0, err
+    assert read_zodb(target)[0::2] == (states[5], 5)
+    assert ("zodb-journal rebuild: warning: the journal ends at seq 5,"
+            " before the requested seq 9") in err
+
+
 def test_rebuild_bad_until(shared, tmp_path, capsys):
     target = tmp_path / "Until.fs"
     status, out, err = run(capsys, "rebuild", shared.dir, "--zodb", target,

@@ -404,6 +404,91 @@ def test_damage_in_the_middle_stops_with_a_clear_message(
     assert fingerprint(replica) == (rebuilt(site.journal_dir, last), last)
 
 
+
+def flip(path, offset):
+    """Flip one byte of a file in place; return the byte it held."""
+    with open(path, "r+b") as out:
+        out.seek(offset)
+        byte = out.read(1)
+        out.seek(offset)
+        out.write(bytes([byte[0] ^ 0xFF]))
+    return byte
+
+
+def test_once_fails_at_once_on_damage_in_a_closed_segment(site, tmp_path):
+    """``follow --once``, a real process, on a journal damaged in the
+    middle of a segment the writer rolled over from: exit 1, without
+    waiting out the window meant for a writer repairing its tail."""
+    bank_journal(site.journal_dir, 60, segment_size=4096)
+    segments = sorted(n for n in os.listdir(site.journal_dir)
+                      if n.endswith(".zjl"))
+    assert len(segments) > 2
+    victim = os.path.join(site.journal_dir, segments[1])
+    flip(victim, 200)
+    replica = str(tmp_path / "Replica.fs")
+    done = subprocess.run(
+        [sys.executable, "-m", "zjournal.cli", "follow", site.journal_dir,
+         "--zodb", replica, "--import", "zjournal.demo", "--once"],
+        capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert "corrupt journal" in done.stderr
+    assert victim in done.stderr
+    assert "reading it again" not in done.stderr
+
+
+def test_once_fails_when_damage_in_the_last_segment_persists(
+        site, monkeypatch, caplog):
+    monkeypatch.setattr(follower_module, "DAMAGE_SECONDS", 0.3)
+    bank_journal(site.journal_dir, 10)
+    segments = [n for n in os.listdir(site.journal_dir)
+                if n.endswith(".zjl")]
+    assert len(segments) == 1
+    # A record in the middle: valid records follow, so it is no torn tail.
+    flip(os.path.join(site.journal_dir, segments[0]), 600)
+    replica = ZODB.DB(None)
+    with site.journal(readonly=True) as journal:
+        f = Follower(journal, replica, interval=0.05)
+        began = time.monotonic()
+        with caplog.at_level("INFO", logger="zjournal.follower"):
+            with pytest.raises(CorruptJournalError):
+                f.run(once=True)
+        assert time.monotonic() - began >= 0.3
+        assert caplog.text.count("reading it again") >= (
+            follower_module.DAMAGE_READS - 1)
+        assert f.state == "failed"
+        f.close()
+    replica.close()
+
+
+def test_once_waits_out_a_repair_of_the_last_segment(site, monkeypatch):
+    """Damage that goes away within the window (a writer rewriting its
+    tail) is read past: ``--once`` then applies everything."""
+    monkeypatch.setattr(follower_module, "DAMAGE_SECONDS", 5.0)
+    last = bank_journal(site.journal_dir, 10)
+    segment = [os.path.join(site.journal_dir, n)
+               for n in os.listdir(site.journal_dir) if n.endswith(".zjl")][0]
+    byte = flip(segment, 600)
+
+    def repair():
+        time.sleep(0.3)
+        with open(segment, "r+b") as out:
+            out.seek(600)
+            out.write(byte)
+    repairer = threading.Thread(target=repair)
+    replica = ZODB.DB(None)
+    with site.journal(readonly=True) as journal:
+        f = Follower(journal, replica, interval=0.05)
+        repairer.start()
+        try:
+            f.run(once=True)
+        finally:
+            repairer.join()
+        assert f.applied_seq == last
+        f.close()
+    assert fingerprint(replica) == (rebuilt(site.journal_dir, last), last)
+    replica.close()
+
+
 def test_refuses_a_replica_of_another_journal(site, primary, tmp_path):
     work(primary, 5)
     replica = ZODB.DB(None)

@@ -264,3 +264,105 @@ class TestRefusalsBeforeReplay:
         assert e.value.seq == 2
         assert isinstance(e.value.__cause__, zjournal.DecodeError)
         assert digest(site.data_fs) == before
+
+
+def transactions(site):
+    """seq 1: one command; seq 2..4: one transaction whose commands ran
+    at distinct times; seq 5: one command.  Returns the entries' times."""
+    import time
+    jdb = site.open()
+    jdb.execute(Put("a", 0))
+    with jdb.transaction() as conn:
+        for key in "abc":
+            time.sleep(0.01)
+            zjournal.execute(conn, Put(key, 1))
+    time.sleep(0.01)
+    jdb.execute(Put("d", 1))
+    jdb.close()
+    with site.journal(readonly=True) as journal:
+        return {e.seq: e.time for e in journal.entries()}
+
+
+def rebuilt(journal, **until):
+    """(table, marker seq, Recovery) of a rebuild into a MappingStorage."""
+    db = ZODB.DB(None)
+    try:
+        result = recovery.rebuild(db, journal, **until)
+        conn = db.open()
+        root = conn.root()
+        found = (examples.state(root)[0],
+                 root[zjournal.MARKER_KEY].last_seq, result)
+        conn.close()
+        return found
+    finally:
+        db.close()
+
+
+class TestUntilAndTransactions:
+
+    def test_a_seq_inside_a_transaction_is_exact_and_warned_about(
+            self, site, caplog):
+        transactions(site)
+        with site.journal(readonly=True) as journal:
+            with caplog.at_level("WARNING", logger="zjournal.recovery"):
+                table, seq, result = rebuilt(journal, until_seq=3)
+        assert (table, seq) == ({"a": 1, "b": 1}, 3)
+        assert result.partial_transaction == (2, 4)
+        message = ("seq 3 is inside transaction 2..4: the result holds part"
+                   " of it, a state the live system never committed;"
+                   " --until 1 or --until 4 give committed states")
+        assert result.warnings == [message]
+        assert [r.getMessage() for r in caplog.records
+                if r.levelname == "WARNING"] == [message]
+
+    @pytest.mark.parametrize("until", [1, 4, 5])
+    def test_a_seq_ending_a_transaction_is_not_warned_about(
+            self, site, until, caplog):
+        transactions(site)
+        with site.journal(readonly=True) as journal:
+            with caplog.at_level("WARNING", logger="zjournal.recovery"):
+                table, seq, result = rebuilt(journal, until_seq=until)
+        assert seq == until
+        assert (result.partial_transaction, result.warnings) == (None, [])
+        assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+    def test_the_first_transaction_cut(self, site):
+        jdb = site.open()
+        with jdb.transaction() as conn:
+            zjournal.execute(conn, Put("a", 1))
+            zjournal.execute(conn, Put("b", 1))
+        jdb.close()
+        with site.journal(readonly=True) as journal:
+            result = rebuilt(journal, until_seq=1)[2]
+        assert result.partial_transaction == (1, 2)
+        assert result.warnings[0].endswith("--until 2 gives a committed"
+                                           " state")
+
+    def test_a_seq_beyond_the_end_is_warned_about(self, site, caplog):
+        transactions(site)
+        with site.journal(readonly=True) as journal:
+            with caplog.at_level("WARNING", logger="zjournal.recovery"):
+                table, seq, result = rebuilt(journal, until_seq=40)
+        assert seq == 5
+        assert result.warnings == [
+            "the journal ends at seq 5, before the requested seq 40: the"
+            " result is the state at seq 5. Is this a stale copy of the"
+            " journal?"]
+        assert result.partial_transaction is None
+        assert "ends at seq 5" in caplog.text
+
+    def test_a_time_inside_a_transaction_stops_before_it(self, site):
+        times = transactions(site)
+        with site.journal(readonly=True) as journal:
+            for between in ((2, 3), (3, 4)):
+                when = (times[between[0]] + times[between[1]]) / 2
+                table, seq, result = rebuilt(journal, until_time=when)
+                assert (table, seq) == ({"a": 0}, 1), between
+                assert result.warnings == []
+            # The transaction's last command: all of it.
+            table, seq, _ = rebuilt(journal, until_time=times[4])
+            assert (table, seq) == ({"a": 1, "b": 1, "c": 1}, 4)
+            import datetime
+            aware = datetime.datetime.fromtimestamp(
+                (times[3] + times[4]) / 2, datetime.timezone.utc)
+            assert rebuilt(journal, until_time=aware)[1] == 1

@@ -559,3 +559,147 @@ def test_a_failed_restore_into_a_storage_uri_says_what_it_left(
                            shop.repozo, "--zodb", uri, "--import", EXAMPLES)
     assert status == 1
     assert "is not empty" in err
+
+
+class Transactions:
+    """A journal with a three-command transaction (seq 2..4) after a
+    backup at seq 1, and one command after it (seq 5)."""
+
+    def __init__(self, root):
+        import zjournal
+        self.shop = shop = Shop(root)
+        os.makedirs(shop.root, exist_ok=True)
+        self.backup = os.path.join(shop.root, "backup.fs")
+
+        def open_jdb():
+            return JournaledDB(
+                ZODB.DB(ZODB.FileStorage.FileStorage(shop.data_fs)),
+                FileJournal(shop.journal_dir, fsync="never"))
+        jdb = open_jdb()
+        jdb.execute(Put("a", 0))
+        jdb.close()
+        shutil.copyfile(shop.data_fs, self.backup)
+        jdb = open_jdb()
+        with jdb.transaction() as conn:
+            for key in "abc":
+                time.sleep(0.01)
+                zjournal.execute(conn, Put(key, 1))
+        time.sleep(0.01)
+        jdb.execute(Put("d", 1))
+        jdb.close()
+        self.times = shop.times()
+
+    def restore(self, capsys, target, until):
+        return run(capsys, "restore", self.shop.journal_dir, "--from",
+                   self.backup, "--zodb", target, "--import", EXAMPLES,
+                   "--until", until)
+
+
+class TestUntilAndTransactions:
+
+    def test_a_seq_inside_a_transaction_is_exact_and_warned_about(
+            self, tmp_path, capsys):
+        site = Transactions(tmp_path / "shop")
+        target = str(tmp_path / "restored.fs")
+        status, out, err = site.restore(capsys, target, 3)
+        assert status == 0, err
+        assert read_zodb(target)[:2] == (site.shop.expected(3), 3)
+        assert ("zodb-journal restore: warning: seq 3 is inside transaction"
+                " 2..4: the result holds part of it, a state the live system"
+                " never committed; --until 1 or --until 4 give committed"
+                " states") in err
+        # At a transaction's end: no warning.
+        target = str(tmp_path / "at-4.fs")
+        status, out, err = site.restore(capsys, target, 4)
+        assert status == 0, err
+        assert "warning" not in err
+        assert read_zodb(target)[:2] == (site.shop.expected(4), 4)
+
+    def test_a_time_inside_a_transaction_restores_before_it(
+            self, tmp_path, capsys):
+        site = Transactions(tmp_path / "shop")
+        times = site.times
+        for i, (a, b) in enumerate(((2, 3), (3, 4))):
+            target = str(tmp_path / ("r%d.fs" % i))
+            status, out, err = site.restore(capsys, target,
+                                            iso((times[a] + times[b]) / 2))
+            assert status == 0, err
+            assert read_zodb(target)[:2] == (site.shop.expected(1), 1)
+            assert "nothing to replay" in out
+        target = str(tmp_path / "whole.fs")
+        status, out, err = site.restore(capsys, target,
+                                        iso((times[4] + times[5]) / 2))
+        assert status == 0, err
+        assert read_zodb(target)[:2] == (site.shop.expected(4), 4)
+
+    def test_a_seq_beyond_the_journal_is_warned_about(self, tmp_path,
+                                                      capsys):
+        site = Transactions(tmp_path / "shop")
+        target = str(tmp_path / "restored.fs")
+        status, out, err = site.restore(capsys, target, 1000)
+        assert status == 0, err
+        assert read_zodb(target)[:2] == (site.shop.expected(5), 5)
+        assert ("zodb-journal restore: warning: the journal ends at seq 5,"
+                " before the requested seq 1000") in err
+        assert "stale copy" in err
+
+
+def test_until_time_checks_the_history_when_nothing_is_replayed(
+        tmp_path, capsys):
+    """A backup of another history of the same journal (same identity,
+    different seq 3) is refused by --until TIME even when no command
+    falls between the backup and that time."""
+    shop = Shop(tmp_path / "shop")
+    os.makedirs(shop.root)
+
+    def work(data_fs, journal_dir, values):
+        jdb = JournaledDB(ZODB.DB(ZODB.FileStorage.FileStorage(data_fs)),
+                          FileJournal(journal_dir, fsync="never"))
+        for value in values:
+            jdb.execute(Put("a", value))
+        jdb.close()
+    work(shop.data_fs, shop.journal_dir, [1, 2])
+    fork_journal = os.path.join(shop.root, "fork")
+    fork_fs = os.path.join(shop.root, "fork.fs")
+    shutil.copytree(shop.journal_dir, fork_journal)
+    shutil.copyfile(shop.data_fs, fork_fs)
+    work(fork_fs, fork_journal, ["fork"])      # the other history's seq 3
+    backup = os.path.join(shop.root, "fork-backup.fs")
+    shutil.copyfile(fork_fs, backup)
+    time.sleep(0.02)
+    work(shop.data_fs, shop.journal_dir, ["main"])   # this one's seq 3
+    time.sleep(0.05)
+    work(shop.data_fs, shop.journal_dir, ["later"])
+    times = shop.times()
+    for until in (iso((times[3] + times[4]) / 2), "3"):
+        target = str(tmp_path / ("r%s.fs" % until[:2]))
+        status, out, err = run(capsys, "restore", shop.journal_dir,
+                               "--from", backup, "--zodb", target,
+                               "--import", EXAMPLES, "--until", until)
+        assert status == 1, (until, out)
+        assert "another history" in err
+        assert leftovers(target) == []
+
+
+def test_a_failed_restore_leaves_an_empty_target_empty(tmp_path, capsys):
+    shop = Shop(tmp_path / "shop")
+    os.makedirs(shop.root)
+    last = shop.run(3)
+    other = Shop(tmp_path / "other")
+    os.makedirs(other.root)
+    other.run(1)
+    target = str(tmp_path / "restored.fs")
+    open(target, "wb").close()
+    # The backup belongs to another journal: refused after the copy.
+    status, out, err = run(capsys, "restore", other.journal_dir, "--from",
+                           shop.data_fs, "--zodb", target, "--import",
+                           EXAMPLES)
+    assert status == 1
+    assert "built from journal" in err
+    assert leftovers(target) == [target]
+    assert os.path.getsize(target) == 0
+    status, out, err = run(capsys, "restore", shop.journal_dir, "--from",
+                           shop.data_fs, "--zodb", target, "--import",
+                           EXAMPLES)
+    assert status == 0, err
+    assert read_zodb(target)[:2] == (shop.expected(last), last)
