@@ -25,14 +25,14 @@ installs
   the FileStorage's directory, owner-only (0700), when they are missing.
 
 ``install`` returns the part's directory, which holds the configuration
-file (or the file alone, when ``config`` puts it elsewhere), and the
-script: buildout removes them when the part goes away or changes.  It
-never returns the journal or the ZODB directory, because buildout would
-delete them too -- and the journal is the only copy of the history; for
-the same reason it refuses a journal or a FileStorage inside the part's
-directory or the bin directory.  A ``config`` file the recipe did not
-write (the application's ``.ini``) gets only its ``[zjournal]`` section
-rewritten, and is never returned.
+file, and the script: buildout removes them when the part goes away or
+changes.  It never returns the journal or the ZODB directory, because
+buildout would delete them too -- and the journal is the only copy of
+the history; for the same reason it refuses a journal or a FileStorage
+inside the part's directory or the bin directory.  A ``config`` file
+outside the part's directory (the application's ``.ini``, say) is never
+returned either, and gets only its ``[zjournal]`` section written:
+whoever created the file, the application may have added sections since.
 
 Nothing in this module imports zc.buildout at import time: the generated
 script imports :func:`main` from here, and a deployment's script path
@@ -42,9 +42,10 @@ import configparser
 import logging
 import os
 import re
-import shutil
 import stat
 import sys
+import tempfile
+import urllib.parse
 
 from zjournal.errors import ZJournalError
 from zjournal.journal import FSYNC_POLICIES
@@ -72,6 +73,8 @@ _MODULE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 _ENV_VAR = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _SECTION_LINE = re.compile(r"^\[([^\]]+)\]")
+#: Query parameters of a libpq URI that hold secrets.
+_SECRET_PARAMETERS = ("password", "sslpassword")
 
 HEADER = """\
 # The zjournal deployment of buildout part [%s] (recipe zjournal).
@@ -383,7 +386,9 @@ class Recipe:
             "config", os.path.join(self.part_directory, CONFIG_NAME)))
         self.script = self._script()
         options["script"] = self.script or ""
-        self._refuse_data_buildout_removes(b["bin-directory"])
+        self.bin_directory = b["bin-directory"]
+        self._refuse_data_buildout_removes(self.bin_directory)
+        self._refuse_config_over_other_files()
 
     # -- checks --------------------------------------------------------
 
@@ -429,9 +434,29 @@ class Recipe:
             raise _user_error(
                 "[%s] fsync = %s contradicts the journal URI's fsync=%s;"
                 " give it once" % (self.name, fsync, in_uri))
+        self._refuse_password("journal", given)
         self.journal = given
         self.fsync = fsync
         return kind, location
+
+    def _refuse_password(self, option, uri):
+        """A password in a URI would be copied into the configuration
+        file (readable by others) and ``.installed.cfg``."""
+        if not _URI.match(uri):
+            return
+        parts = urllib.parse.urlsplit(uri)
+        query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+        if parts.password is None and not any(
+                name in _SECRET_PARAMETERS for name, _ in query):
+            return
+        from zjournal.uri import _safe
+        raise _user_error(
+            "[%s] %s = %s: a password does not belong in buildout.cfg (it"
+            " would be written to .installed.cfg and to the configuration"
+            " file); remove it and let libpq find it: ~/.pgpass (or the"
+            " file PGPASSFILE names), a service file (?service=NAME), or"
+            " PGPASSWORD in the environment of the processes that open the"
+            " journal" % (self.name, option, _safe(uri)))
 
     def _refuse_data_buildout_removes(self, bin_directory):
         """Refuse to keep data where buildout deletes files.
@@ -466,11 +491,37 @@ class Recipe:
                         " (the default is under var/)"
                         % (self.name, option, path, what % directory))
 
+    def _refuse_config_over_other_files(self):
+        """The configuration file must be a file of its own, not the data,
+        the journal or a script: the recipe writes into it."""
+        config = _real(self.config)
+        if _within(config, self.bin_directory):
+            raise _user_error(
+                "[%s] config = %s is inside the bin directory %s, which"
+                " holds scripts; name a file of its own"
+                % (self.name, self.config, self.bin_directory))
+        taken = []
+        if self.zodb and not _URI.match(self.zodb):
+            # Data.fs and its companions (.index, .lock, .tmp, .old).
+            taken.append(("the FileStorage", self.zodb, "."))
+        if self.kind == "file":
+            taken.append(("the journal", self.location, os.sep))
+        elif self.kind == "sqlite":
+            # The database and its -wal, -shm and -journal files.
+            taken.append(("the SQLite journal", self.location, "-"))
+        for what, path, sibling in taken:
+            path = _real(path)
+            if config == path or config.startswith(path + sibling):
+                raise _user_error(
+                    "[%s] config = %s would overwrite %s %s; name a file"
+                    " of its own" % (self.name, self.config, what, path))
+
     def _zodb(self):
         value = self.options.get("zodb", "").strip()
         if not value:
             return ""
         if _URI.match(value):
+            self._refuse_password("zodb", value)
             return value
         if "://" in value:
             raise _user_error("[%s] zodb = %s: not a path, nor a URI"
@@ -495,7 +546,24 @@ class Recipe:
             raise _user_error(
                 "[%s] script = %s: give a file name for the bin directory"
                 " (or nothing, for no script)" % (self.name, script))
+        if script == "buildout":
+            raise _user_error(
+                "[%s] script = buildout would replace buildout's own script"
+                " (and uninstalling the part would delete it); choose"
+                " another name" % self.name)
         return script
+
+    def _refuse_foreign_script(self):
+        """On install, the part has nothing in bin/: buildout uninstalled
+        any earlier version of it first.  A file there already is someone
+        else's (another part's script), which buildout would delete with
+        this part once it is returned."""
+        path = os.path.join(self.bin_directory, self.script)
+        if os.path.lexists(path):
+            raise _user_error(
+                "[%s] script = %s: %s exists and is not this part's (another"
+                " part's script?); choose another name, or remove the file"
+                " if it is a leftover" % (self.name, self.script, path))
 
     # -- install -------------------------------------------------------
 
@@ -505,7 +573,9 @@ class Recipe:
                           hmac_key_env=self.hmac_key_env or None,
                           path=self.config)
 
-    def install(self):
+    def install(self, _first=True):
+        if self.script and _first:
+            self._refuse_foreign_script()
         self._data_directories()
         created = self._write_config()
         if self.script:
@@ -514,8 +584,9 @@ class Recipe:
 
     def update(self):
         """Same options, new run: put back what went missing, and
-        regenerate the script (the eggs it names may have moved)."""
-        return self.install()
+        regenerate the script (the eggs it names may have moved).  The
+        script in bin/ is this part's, installed by an earlier run."""
+        return self.install(_first=False)
 
     def _data_directories(self):
         if self.kind == "file":
@@ -529,44 +600,55 @@ class Recipe:
                                "FileStorage")
 
     def _write_config(self):
-        """Write the file; return what buildout may remove with the part:
-        the part's own directory, or just the file when it lives
-        elsewhere (a directory we did not make for ourselves may hold
-        other parts' files).
+        """Write the file; return what buildout may remove with the part.
 
-        A file the recipe did not write (the application's ``.ini``)
-        gets its ``[zjournal]`` section updated, the rest kept, and is
-        not returned: buildout would delete it with the part.
+        Inside the part's directory the file is the recipe's: it is
+        written whole and the directory is returned.  Anywhere else it is
+        an INI file that others may share -- the application's ``.ini``,
+        or one the recipe created to which the application has since
+        added sections -- so only its ``[zjournal]`` section is written,
+        and it is never returned: buildout would delete it with the part.
+        Either way the text must parse as INI before and after, so that
+        a ``zope.conf`` or a data file named by mistake is left alone.
         """
-        parent = os.path.dirname(self.config)
-        own = parent == self.part_directory
+        own = _within(self.config, self.part_directory)
+        path = _real(self.config)  # a symlinked .ini: edit its target
+        parent = os.path.dirname(path)
         if not os.path.isdir(parent):
             os.makedirs(parent)
-        header = HEADER % self.name
         try:
-            with open(self.config, encoding="utf-8") as f:
+            with open(path, encoding="utf-8") as f:
                 existing = f.read()
         except FileNotFoundError:
             existing = None
         except (OSError, UnicodeDecodeError) as e:
             raise _user_error("[%s] config = %s: cannot read it: %s"
                               % (self.name, self.config, e)) from None
-        foreign = existing is not None and not existing.startswith(header)
-        if foreign:
-            text = self.deployment().update_section(existing, self.name)
+        deployment = self.deployment()
+        if own:
+            text = deployment.format(self.name)
         else:
-            text = self.deployment().format(self.name)
-        temporary = self.config + ".tmp"
-        with open(temporary, "w", encoding="utf-8") as f:
-            f.write(text)
-        if foreign:
-            shutil.copymode(self.config, temporary)
-        os.replace(temporary, self.config)
-        if foreign:
-            logger.info("[%s] updated the [%s] section of %s", self.name,
-                        SECTION, self.config)
-            return []
-        return [parent if own else self.config]
+            if existing is not None:
+                self._check_ini(existing, "is not an INI file")
+            text = deployment.update_section(existing or "", self.name)
+        self._check_ini(text, "would not be a valid INI file once edited")
+        _replace_file(path, text)
+        if own:
+            return [self.part_directory]
+        logger.info("[%s] wrote the [%s] section of %s", self.name,
+                    SECTION, self.config)
+        return []
+
+    def _check_ini(self, text, problem):
+        parser = configparser.ConfigParser(interpolation=None)
+        try:
+            parser.read_string(text, self.config)
+        except configparser.Error as e:
+            first = str(e).splitlines()[0]
+            raise _user_error(
+                "[%s] config = %s %s (%s); the recipe only edits INI files:"
+                " name the application's .ini or a new file"
+                % (self.name, self.config, problem, first)) from None
 
     def _write_script(self):
         import zc.buildout.easy_install
@@ -603,6 +685,45 @@ def _within(path, directory):
     path, directory = _real(path), _real(directory)
     return path == directory or path.startswith(directory.rstrip(os.sep)
                                                 + os.sep)
+
+
+def _replace_file(path, text):
+    """Write ``path`` atomically and durably, keeping an existing file's
+    mode (and, for root, its owner): a crash leaves the old file or the
+    new one, never a mix, and no fixed ``.tmp`` name that could be
+    someone else's file."""
+    directory = os.path.dirname(path)
+    try:
+        before = os.stat(path)
+    except FileNotFoundError:
+        before = None
+    fd, temporary = tempfile.mkstemp(prefix=".%s." % os.path.basename(path),
+                                     suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            if before is not None:
+                os.chmod(temporary, stat.S_IMODE(before.st_mode))
+                if os.geteuid() == 0:
+                    os.chown(temporary, before.st_uid, before.st_gid)
+            else:
+                umask = os.umask(0)
+                os.umask(umask)
+                os.chmod(temporary, 0o666 & ~umask)
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except FileNotFoundError:
+            pass
+        raise
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _private_directory(part, path, what, check=False):

@@ -350,16 +350,157 @@ class TestRecipe:
         assert paths == [str(tmp_path / "parts" / "journal")]
         assert not (tmp_path / "bin" / "journal").exists()
 
-    def test_config_elsewhere_returns_only_the_file(self, bo, tmp_path):
-        """A directory the part did not make for itself may hold other
-        parts' files: buildout must not remove it with this part."""
+    def test_a_config_it_created_elsewhere_stays_the_applications(
+            self, bo, tmp_path):
+        """Outside the part's directory the file is never returned, even
+        when the recipe created it: the application may add sections,
+        which a later run must keep (and buildout must not delete)."""
         (tmp_path / "etc").mkdir()
         (tmp_path / "etc" / "other.conf").write_text("x")
-        paths = make_recipe(bo, config="etc/journal.conf",
-                            script="").install()
-        assert paths == [str(tmp_path / "etc" / "journal.conf")]
-        assert Deployment.read(paths[0]).journal == str(
+        ini = tmp_path / "etc" / "production.ini"
+        recipe = make_recipe(bo, config="etc/production.ini", script="",
+                             imports="a.commands")
+        assert recipe.install() == []
+        assert Deployment.read(str(ini)).journal == str(
             tmp_path / "var" / "journal")
+        app = "\n[app:main]\nuse = egg:myapp\n"
+        with open(str(ini), "a") as f:
+            f.write(app)
+        assert recipe.update() == []
+        assert ini.read_text().endswith(app)
+        # An option change rewrites the section only.
+        assert make_recipe(bo, "again", config="etc/production.ini",
+                           script="", imports="b.commands").install() == []
+        parser = configparser.ConfigParser(interpolation=None)
+        parser.read(str(ini))
+        assert parser["app:main"]["use"] == "egg:myapp"
+        assert Deployment.read(str(ini)).imports == ("b.commands",)
+        assert (tmp_path / "etc" / "other.conf").read_text() == "x"
+
+    def test_not_an_ini_file_is_refused_and_left_alone(self, bo, tmp_path):
+        import zc.buildout
+        conf = tmp_path / "zope.conf"
+        text = ("%define INSTANCE /srv\ninstancehome $INSTANCE\n"
+                "<zodb_db main>\n  mount-point /\n</zodb_db>\n")
+        conf.write_text(text)
+        with pytest.raises(zc.buildout.UserError) as e:
+            make_recipe(bo, config="zope.conf", script="").install()
+        assert "config = %s is not an INI file" % conf in str(e.value)
+        assert conf.read_text() == text
+
+    @pytest.mark.parametrize("config, zodb, journal, what", [
+        ("var/fs/Data.fs", "var/fs/Data.fs", None, "the FileStorage"),
+        ("var/fs/Data.fs.index", "var/fs/Data.fs", None, "the FileStorage"),
+        ("var/journal/zjournal.conf", None, None, "the journal"),
+        ("var/j.sqlite", None, "sqlite://{here}/var/j.sqlite",
+         "the SQLite journal"),
+        ("var/j.sqlite-wal", None, "sqlite://{here}/var/j.sqlite",
+         "the SQLite journal"),
+    ])
+    def test_config_over_data_is_refused(self, bo, tmp_path, config, zodb,
+                                         journal, what):
+        import zc.buildout
+        options = dict(config=config, script="")
+        if zodb:
+            options["zodb"] = zodb
+        if journal:
+            options["journal"] = journal.format(here=tmp_path)
+        with pytest.raises(zc.buildout.UserError) as e:
+            make_recipe(bo, **options)
+        assert "config = %s would overwrite %s " % (
+            tmp_path / config, what) in str(e.value), str(e.value)
+        assert not (tmp_path / "var").exists()
+
+    def test_config_over_an_existing_empty_filestorage_is_refused(
+            self, bo, tmp_path):
+        import zc.buildout
+        (tmp_path / "var").mkdir()
+        ZODB.FileStorage.FileStorage(str(tmp_path / "var" / "Data.fs")
+                                     ).close()
+        before = (tmp_path / "var" / "Data.fs").read_bytes()
+        with pytest.raises(zc.buildout.UserError,
+                           match="would overwrite the FileStorage"):
+            make_recipe(bo, zodb="var/Data.fs", config="var/Data.fs")
+        # Without the zodb option, it is refused as no INI file.
+        with pytest.raises(zc.buildout.UserError, match="not an INI file"):
+            make_recipe(bo, "other", config="var/Data.fs",
+                        script="").install()
+        assert (tmp_path / "var" / "Data.fs").read_bytes() == before
+
+    @pytest.mark.parametrize("config", ["bin/journal", "bin/journal.conf"])
+    def test_config_in_the_bin_directory_is_refused(self, bo, tmp_path,
+                                                    config):
+        import zc.buildout
+        with pytest.raises(zc.buildout.UserError) as e:
+            make_recipe(bo, config=config)
+        assert "config = %s is inside the bin directory" % (
+            tmp_path / config) in str(e.value)
+        assert os.listdir(str(tmp_path / "bin")) == []
+
+    def test_a_symlinked_ini_is_edited_through_the_link(self, bo, tmp_path):
+        etc = tmp_path / "etc"
+        etc.mkdir()
+        target = etc / "production.ini"
+        app = "[app:main]\nuse = egg:myapp\n"
+        target.write_text(app)
+        os.chmod(str(target), 0o640)
+        stray = etc / "production.ini.tmp"
+        stray.write_text("someone's")
+        link = tmp_path / "production.ini"
+        link.symlink_to(target)
+        assert make_recipe(bo, config="production.ini",
+                           script="").install() == []
+        assert link.is_symlink()
+        assert os.readlink(str(link)) == str(target)
+        assert target.read_text().startswith(app)
+        assert Deployment.read(str(target)).journal == str(
+            tmp_path / "var" / "journal")
+        assert stat.S_IMODE(os.stat(str(target)).st_mode) == 0o640
+        assert stray.read_text() == "someone's"
+        assert sorted(os.listdir(str(etc))) == ["production.ini",
+                                                "production.ini.tmp"]
+
+    @pytest.mark.parametrize("option, uri", [
+        ("journal", "postgresql://shop:S3cret@db.example.com/shop"),
+        ("journal", "postgresql://shop@db.example.com/shop?password=S3cret"),
+        ("journal", "postgres://db.example.com/shop?sslpassword=S3cret"),
+        ("zodb", "zeo://shop:S3cret@zeo.example.com:8100"),
+    ])
+    def test_a_password_in_a_uri_is_refused(self, bo, tmp_path, option,
+                                            uri):
+        import zc.buildout
+        with pytest.raises(zc.buildout.UserError) as e:
+            make_recipe(bo, **{option: uri})
+        message = str(e.value)
+        assert message.startswith("[journal] %s = " % option), message
+        assert "S3cret" not in message
+        assert "~/.pgpass" in message and "PGPASSWORD" in message
+        assert not (tmp_path / "var").exists()
+        # A user name, or a libpq service, is no secret.
+        make_recipe(bo, "fine", script="", **{option: uri.replace(
+            ":S3cret@", "@").replace("password=S3cret", "service=shop")})
+
+    def test_script_named_buildout_is_refused(self, bo, tmp_path):
+        import zc.buildout
+        with pytest.raises(zc.buildout.UserError,
+                           match="script = buildout would replace"):
+            make_recipe(bo, script="buildout")
+
+    def test_script_over_another_file_is_refused(self, bo, tmp_path):
+        import zc.buildout
+        other = tmp_path / "bin" / "app"
+        other.write_text("#!/bin/sh\necho the app\n")
+        recipe = make_recipe(bo, script="app")
+        with pytest.raises(zc.buildout.UserError) as e:
+            recipe.install()
+        assert "script = app: %s exists and is not this part's" % other \
+            in str(e.value)
+        assert other.read_text() == "#!/bin/sh\necho the app\n"
+        # The part's own script, from an earlier run, is regenerated.
+        mine = make_recipe(bo, "mine")
+        mine.install()
+        assert mine.update() == [str(tmp_path / "parts" / "mine"),
+                                 str(tmp_path / "bin" / "mine")]
 
     def test_sqlite_journal_gets_a_private_parent(self, bo, tmp_path):
         uri = "sqlite://%s/db/journal.sqlite" % tmp_path
@@ -624,6 +765,25 @@ class TestRecipeInSampleBuildout:
         sample.system(sample.buildout)
         with open(ini) as f:
             assert f.read().startswith(app)
+
+    def test_an_ini_the_recipe_created_survives_uninstall(self, sample):
+        here = sample.sample_buildout
+        ini = os.path.join(here, "production.ini")
+        sample.write("buildout.cfg", buildout_cfg(
+            extra="config = production.ini"))
+        out = sample.system(sample.buildout)
+        assert "Installing journal." in out, out
+        assert os.path.join(here, "production.ini") not in \
+            installed_paths(here, "journal")
+        app = "\n[app:main]\nuse = egg:myapp\n"
+        with open(ini, "a") as f:
+            f.write(app)
+        sample.system(sample.buildout)  # an update
+        sample.write("buildout.cfg", buildout_cfg(parts=""))
+        out = sample.system(sample.buildout)
+        assert "Uninstalling journal." in out, out
+        with open(ini) as f:
+            assert f.read().endswith(app)
 
     def test_existing_open_journal_directory_is_left_alone_with_a_warning(
             self, sample):

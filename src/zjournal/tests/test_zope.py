@@ -336,6 +336,51 @@ def test_recover_script_rebuilds_offline(instance):
             "admin"]
 
 
+def test_recover_on_a_new_instance_reports_the_journaled_initialization(
+        instance):
+    proc = instance.run("-m", "zjournal.zope.recover", "-c", instance.conf)
+    assert proc.returncode == 0, proc.stdout
+    # Zope's initialization was journaled after recovery found nothing.
+    entries = instance.journal_entries()
+    assert [e[1] for e in entries] == ["zjournal.zope.initialize"]
+    assert "; at seq %d of journal %s" % (entries[-1][0], instance.journal) \
+        in proc.stdout, proc.stdout
+
+
+def test_recover_reports_a_zcml_error_clearly(instance):
+    zcml = instance.home / "etc" / "site.zcml"
+    zcml.write_text(zcml.read_text().replace(
+        '<include package="zjexample" />',
+        '<include package="zjexample" file="missing.zcml" />'))
+    proc = instance.run("-m", "zjournal.zope.recover", "-c", instance.conf)
+    assert proc.returncode == 1, proc.stdout
+    assert "zjournal.zope.recover: the instance's ZCML does not load:" \
+        in proc.stdout, proc.stdout
+    assert "missing.zcml" in proc.stdout
+    assert "Traceback" not in proc.stdout, proc.stdout
+
+
+def test_recover_closes_the_guarded_databases_when_a_later_section_fails(
+        instance):
+    conf = pathlib.Path(instance.conf)
+    conf.write_text(conf.read_text() + (
+        "\n<zjournal other>\n  uri %s\n  database catalog\n</zjournal>\n"
+        % (instance.home / "var" / "other")))
+    proc = instance.run("-m", "zjournal.zope.recover", "-c", instance.conf)
+    assert proc.returncode == 1, proc.stdout
+    assert "zjournal.zope.recover: <zjournal other> guards database" \
+        " 'catalog'" in proc.stdout, proc.stdout
+    assert "Traceback" not in proc.stdout, proc.stdout
+    # The main database was guarded (its initialization journaled), then
+    # closed: FileStorage saves its index, up to the end of Data.fs, when
+    # it is closed (an index saved earlier ends before the commit).
+    assert [e[1] for e in instance.journal_entries()] == [
+        "zjournal.zope.initialize"]
+    from ZODB.fsIndex import fsIndex
+    index = fsIndex.load(str(instance.data_fs) + ".index")
+    assert index["pos"] == instance.data_fs.stat().st_size
+
+
 def test_a_journal_of_another_database_stops_startup(tmp_path):
     ours = Instance(tmp_path / "ours")
     _adduser(ours, "admin", "secret")
@@ -647,3 +692,45 @@ def test_make_instance_fills_the_templates_inside_the_given_directory(
     with made.start() as server:
         assert server.ok("/@@zj-add-folder?id=docs") == "/docs"
     assert sorted(os.listdir(str(tmp_path))) == ["zj"]
+
+
+from OFS.SimpleItem import SimpleItem  # noqa: E402 (Zope is installed)
+
+
+class PluggedUserFolder(SimpleItem):
+    """A user folder that is not Zope's standard one: like a
+    PluggableAuthService, it keeps no ``data``.  (Defined at module level:
+    the ZODB pickles it.)"""
+
+    id = "acl_users"
+
+    def _createInitialUser(self):
+        raise AssertionError("not to be called")
+
+
+def test_an_inituser_beside_a_non_standard_user_folder_is_ignored(caplog):
+    """A root user folder other than Zope's must not make the
+    initialization fail."""
+    import transaction
+    import ZODB
+    from zjournal.zope.commands import APPLICATION_KEY
+    from zjournal.zope.commands import initialize
+
+    inituser = ("admin", "{SHA256}c2VjcmV0", ())
+    db = ZODB.DB(None)
+    try:
+        conn = db.open()
+        root = conn.root()
+        assert initialize(root, inituser) == "admin"
+        transaction.commit()
+        app = root[APPLICATION_KEY]
+        app._delObject("acl_users")
+        app._setObject("acl_users", PluggedUserFolder())
+        transaction.commit()
+        assert initialize(root, inituser) is None
+        transaction.commit()
+        assert type(app.acl_users.aq_base).__name__ == "PluggedUserFolder"
+        assert "the inituser file is ignored" in caplog.text
+    finally:
+        transaction.abort()
+        db.close()

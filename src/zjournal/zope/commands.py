@@ -191,7 +191,7 @@ class _Initializer(AppInitializer):
             return
         if (self.inituser is not None
                 and hasattr(users, "_createInitialUser")
-                and len(users.data) <= 1):
+                and _at_most_one_user(users)):
             name, password, domains = self.inituser
             users._doDelUsers(users.getUserNames())
             users._doAddUser(name, password, ("Manager",), list(domains))
@@ -219,6 +219,24 @@ class _Initializer(AppInitializer):
         self.install_standards()
         self.install_virtual_hosting()
         self.install_root_view()
+
+
+def _at_most_one_user(users):
+    """Zope's own condition for replacing the users with the initial one.
+
+    Only the standard user folder keeps its users in ``data``; another
+    kind (a PluggableAuthService, say) is left alone rather than guessed
+    at, and the startup goes on.
+    """
+    data = getattr(aq_base(users), "data", None)
+    try:
+        return len(data) <= 1
+    except TypeError:
+        logger.warning(
+            "the inituser file is ignored: the root user folder (%s) is not"
+            " Zope's standard one; add the user with its own tools",
+            type(aq_base(users)).__name__)
+        return False
 
 
 def initialize(root, inituser=None):

@@ -13,14 +13,16 @@ switching the server over, or to see what the next startup would find,
 without holding the server's port.
 
 Exit status: 0 when every guarded database is current, 1 when zjournal
-refused (the message says why) or the database is in use (the server
-runs: stop it first), 2 when no ``<zjournal>`` section is
-configured.
+refused (the message says why), the instance's ZCML does not load, or
+the database is in use (the server runs: stop it first), 2 when no
+``<zjournal>`` section is configured.  On a refusal the databases already
+guarded are closed all the same.
 """
 import argparse
 import sys
 
 import zc.lockfile
+from zope.configuration.exceptions import ConfigurationError
 
 from zjournal.errors import ZJournalError
 
@@ -40,11 +42,19 @@ def main(argv=None):
     try:
         app = ZopeFinder([sys.argv[0]]).get_app(
             config_file=args.configuration)
-    except ZJournalError as e:
-        print("zjournal.zope.recover: %s" % e, file=sys.stderr)
-        return 1
-    except zc.lockfile.LockError as e:
-        print(in_use_message("zjournal.zope.recover", e), file=sys.stderr)
+    except (ZJournalError, ConfigurationError, zc.lockfile.LockError) as e:
+        # A later <zjournal> section may fail after earlier ones opened
+        # (and recovered) their databases: close those properly.
+        close_databases()
+        if isinstance(e, zc.lockfile.LockError):
+            message = in_use_message("zjournal.zope.recover", e)
+        elif isinstance(e, ConfigurationError):
+            # zjournal loads the ZCML early, to replay with it.
+            message = ("zjournal.zope.recover: the instance's ZCML does"
+                       " not load: %s" % e)
+        else:
+            message = "zjournal.zope.recover: %s" % e
+        print(message, file=sys.stderr)
         return 1
     try:
         app._p_jar.close()
@@ -54,10 +64,12 @@ def main(argv=None):
             return 2
         for name, jdb in sorted(journaled_dbs.items()):
             found = jdb.recovery
+            # The journal's seq now, not at recovery: a new instance's
+            # initialization was journaled since.
             print("database %s: %s, %d commands replayed in %.2fs; at seq"
                   " %d of journal %s" % (
                       name, found.action, found.replayed, found.seconds,
-                      found.journal_seq, jdb.journal.path))
+                      jdb.journal.last_seq, jdb.journal.path))
     finally:
         close_databases()
     return 0
