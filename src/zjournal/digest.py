@@ -40,19 +40,45 @@ What is hashed for each object
 Persistent objects as set members and dict keys
     Python orders them by ``id()`` or by oid, which differ between two
     databases holding the same state.  The walk orders them by a hash of
-    their content instead (their class and state, and the content of the
-    not-yet-walked objects they refer to, a cycle back to one of those
-    hashed as how many steps back it leads), and only then gives them
-    their positions.  Members whose content is identical are
-    interchangeable: a reference to one is hashed like a reference to the
-    other.  That content is read as a tree: two members that differ only
-    in which deeper, not yet walked objects they *share* with others
-    order as equals, and are then taken as interchangeable when they are
-    not quite: for such members only, the digest may tell apart two
-    databases holding the same state, or miss which of them a reference
-    names.  A member whose content
-    reaches more than :data:`CONTENT_OBJECTS` objects not walked yet is a
-    :class:`DigestError` rather than a guess.
+    their content instead, each member read on its own: its class and
+    state, and the content of the not-yet-walked objects it refers to;
+    an object met again within one member's read (shared, or a cycle
+    back) is hashed as how far back in that read it was met first.  Only
+    then does it give them positions.
+
+Tied members
+    Members whose content hashes the same form a group, and their order
+    among themselves is arbitrary; so is their position.  A reference to
+    a group member is hashed as the group and a *slot*, handed out as
+    references arrive in walk order: the first member named gets the
+    first slot, the same member named again the same slot, another
+    member the next one.  ``[a, a]`` and ``[a, b]`` thus differ, and
+    which of two tied members one reference names does not count.
+    Group members are visited once nothing else waits, in slot order;
+    members no reference named yet are taken first if no other waiting
+    member names them, and are otherwise told apart by how they refer to
+    each other (colour refinement, as graph canonization starts with).
+    Ties that refinement leaves may make the same state digest two ways,
+    never two states digest one way.  Listing tied members that pair
+    objects of two groups (``{(a, c1), (b, c2)}``) hands out no slot;
+    the reference that later gives one of them a slot also hashes the
+    slots its partners have by then, which keeps the pairing.  A member
+    whose content reaches more than :data:`CONTENT_OBJECTS` objects not
+    walked yet is a :class:`DigestError` rather than a guess.
+
+Plain values shared within a record
+    Within one persistent object's state, a plain (not persistent) list,
+    dict, set or other object met a second time is hashed as a reference
+    back to the first time, as pickle memoizes it within a ZODB record:
+    ``(l, l)`` differs from ``([1], [1])``, and plain cycles (a tree with
+    parent pointers) can be digested.  Sharing between the states of two
+    persistent objects is not hashed, since it does not survive storing
+    them; nor is sharing between two items of a BTree, whose buckets are
+    not part of the state.  Tuples, frozensets, strings and numbers are
+    values only.  Plain values nested more than about a thousand levels
+    deep are a :class:`DigestError` saying so.
+
+Other rules
     BTree keys are taken in the tree's order: a persistent class used as
     a BTree key defines that order itself (``__lt__``), and the digest is
     canonical if that order is (it is not when it compares oids).
@@ -67,6 +93,7 @@ are kept (to name references to it), never its state.
 import collections
 import copyreg
 import hashlib
+import heapq
 import logging
 import operator
 import sys
@@ -90,7 +117,7 @@ logger = logging.getLogger(__name__)
 
 #: Names the canonical encoding and the hash.  Digests made under another
 #: scheme are not comparable with these, and are not compared.
-SCHEME = "zjournal-digest-2"
+SCHEME = "zjournal-digest-3"
 
 #: Objects hashed between two trims of the connection's cache.
 GC_EVERY = 1000
@@ -105,6 +132,10 @@ PENDING_OBJECTS = 20000
 #: Objects not walked yet that the content hash of one set member or
 #: dict key (see the module's docstring) may read before giving up.
 CONTENT_OBJECTS = 10000
+
+# The recursion limit while one object is hashed: plain values nested as
+# deeply as pickle takes them (several calls here per level).
+_RECURSION = 6000
 
 # Encoded state is hashed in pieces of about this many bytes.
 _FLUSH = 1 << 16
@@ -293,7 +324,29 @@ class Walker:
         # position -> the path it was found by: a list, not a second dict
         # keyed like _index (a walk keeps both for every object).
         self._paths = []
-        self._alias = {}       # position -> that of an identical member
+        # Members of a set (or persistent dict keys) with the same
+        # content form a group; position -> (group, member, object), see
+        # _canonical().  Which member a reference names is hashed by the
+        # group's slot it got: slots are handed out in walk order.
+        self._groups = {}
+        self._slots = {}       # (group, member) -> slot
+        self._free_slot = {}   # group -> the next slot to hand out
+        self._hold = False     # tied members being listed: no slots yet
+        self._linking = None   # (group, member) being listed
+        # (group, member) -> members of other groups listed with it, none
+        # with a slot then (a set of tuples pairing tied objects).
+        self._links = {}
+        self._assigned = 0     # slots handed out so far
+        self._ready = []       # heap of (when, group, member) given slots
+        self._deferred = {}    # (group, member) -> {object: entry}
+        self._sources = []     # (group, member) to take first, see _order
+        self._collect = None   # a set taking the group members met
+        # Plain (not persistent) containers and objects met in the record
+        # being encoded: id() -> their order of encounter, and the objects
+        # themselves (alive, so that their id()s stay theirs).
+        self._rec = {}
+        self._rec_objs = []
+        self._rec_touch = 0    # memo hits, to know a value used the memo
         self._next = 0         # the position the next object found gets
         self._pending = collections.deque()
         self._pinned = []      # unsaved objects: their id() keys them
@@ -306,12 +359,21 @@ class Walker:
         self._last = None
 
     def __iter__(self):
+        limit = sys.getrecursionlimit()
+        if limit < _RECURSION:
+            # For the whole walk: setting it for each object costs.
+            sys.setrecursionlimit(_RECURSION)
+        try:
+            yield from self._walk()
+        finally:
+            if limit < _RECURSION and sys.getrecursionlimit() == _RECURSION:
+                sys.setrecursionlimit(limit)
+
+    def _walk(self):
         if self.progress is not None:
             self.progress(0)  # the walk starts now: rates count from here
         self._discover(self.root, "")
-        pending = self._pending
-        while pending:
-            path, oid, obj = pending.popleft()
+        for path, oid, obj in self._order():
             if obj is None:
                 obj = self.jar.get(oid)
             was_ghost = obj._p_changed is None
@@ -331,6 +393,120 @@ class Walker:
         self.hexdigest = self._total.hexdigest()
         if self.progress is not None:
             self.progress(self.objects, True)
+
+    def _order(self):
+        """The objects to visit, in walk order: by position, except the
+        members of a group of tied set members (see _canonical), which
+        wait until nothing else does, and then come in the order their
+        slots were handed out.  Which member the walk visits first would
+        otherwise be arbitrary, and its visit hand out slots."""
+        pending = self._pending
+        while True:
+            while pending:
+                entry = pending.popleft()
+                grouped = self._groups.get(
+                    self._index[entry[1]]) if self._groups else None
+                if grouped is None:
+                    yield entry
+                else:
+                    self._defer(grouped, entry)
+            member = self._next_deferred()
+            if member is None:
+                return
+            for j in sorted(member):
+                yield member[j]
+
+    def _defer(self, grouped, entry):
+        group, member, j = grouped
+        objects = self._deferred.get((group, member))
+        if objects is None:
+            objects = self._deferred[group, member] = {}
+        objects[j] = entry
+
+    def _next_deferred(self):
+        """The objects of the next group member to visit, or None."""
+        while self._ready:
+            _, group, member = heapq.heappop(self._ready)
+            objects = self._deferred.pop((group, member), None)
+            if objects is not None:
+                return objects
+        # Every member waiting lacks a slot: one has to be taken first.
+        while True:
+            while self._sources:
+                key = self._sources.pop()
+                if key in self._deferred and key not in self._slots:
+                    self._assign(*key)
+                    return self._deferred.pop(key)
+            if not self._deferred:
+                return None
+            self._sources = self._find_sources()
+
+    def _find_sources(self):
+        """The order to take the members waiting in (the first last).
+
+        Which member of a group the walk takes first is arbitrary, and
+        may decide which of the others is which (by the slots its
+        references hand out).  So members are told apart further by how
+        they refer to each other, and to members with slots (refining
+        colours until they are stable, as graph canonization does): those
+        that meet no other member waiting come first, then the first of
+        the rest, after which the order is decided again.
+        """
+        keys = list(self._deferred)
+        waiting = set(keys)
+        out, into, colour = {}, {key: [] for key in keys}, {}
+        for key in keys:
+            found = self._group_references(self._deferred[key])
+            slotted = sorted((g, self._slots[g, m]) for g, m in found
+                             if (g, m) in self._slots)
+            colour[key] = (key[0], key in found, tuple(slotted))
+            out[key] = [x for x in found if x in waiting and x != key]
+            for x in out[key]:
+                into[x].append(key)
+        distinct = len(set(colour.values()))
+        for _ in keys:
+            refined = {key: (colour[key],
+                             tuple(sorted(colour[x] for x in out[key])),
+                             tuple(sorted(colour[x] for x in into[key])))
+                       for key in keys}
+            rank = {v: i for i, v in enumerate(sorted(set(refined.values())))}
+            colour = {key: rank[refined[key]] for key in keys}
+            if len(rank) == distinct:
+                break
+            distinct = len(rank)
+        alone = sorted((colour[key], key) for key in keys
+                       if not out[key] and not into[key])
+        linked = [(colour[key], key) for key in keys
+                  if out[key] or into[key]]
+        order = [key for _, key in alone]
+        if linked:
+            order.append(min(linked)[1])
+        order.reverse()
+        return order
+
+    def _group_references(self, objects):
+        """The (group, member) that the states of ``objects`` refer to."""
+        found = self._collect = set()
+        self._probe = True
+        try:
+            for path, key, obj in objects.values():
+                if obj is None:
+                    obj = self.jar.get(key)
+                was_ghost = obj._p_changed is None
+                self._encode_guarded(obj, path, [], _NoHash)
+                if was_ghost:
+                    obj._p_deactivate()
+        finally:
+            self._probe = False
+            self._collect = None
+        return found
+
+    def _assign(self, group, member):
+        slot = self._slots[group, member] = self._free_slot.get(group, 0)
+        self._free_slot[group] = slot + 1
+        heapq.heappush(self._ready, (self._assigned, group, member))
+        self._assigned += 1
+        return slot
 
     def digest(self):
         """Walk everything; return the :class:`Digest`."""
@@ -375,7 +551,19 @@ class Walker:
         name = _class_name(type(obj))
         h = hashlib.blake2b(digest_size=32)
         parts = [b"C", name.encode("utf-8"), b";"]
+        self._encode_guarded(obj, path, parts, h)
+        h.update(b"".join(parts))
+        digest = h.digest()
+        # Positions are implicit in the order: the sequence of the
+        # objects' hashes is the whole state.
+        self._total.update(digest)
+        return ObjectDigest(path or "/", name, digest.hex())
+
+    def _encode_guarded(self, obj, path, parts, h):
+        """_encode_object(), with errors users can meet made clear."""
+        name = _class_name(type(obj))
         self._current = obj
+        self._rec, self._rec_objs = {}, []
         try:
             self._encode_object(obj, path, parts, h)
         except DigestError:
@@ -387,16 +575,16 @@ class Walker:
                 " reference: POSKeyError %s)" % (name, path or "/", e)
             ) from e
         except RecursionError:
-            raise DigestError("the state of %s at %s is nested too deeply to"
-                              " digest" % (name, path or "/")) from None
+            # Not a cycle: repeated plain values are hashed as references
+            # back, persistent ones by position.
+            raise DigestError(
+                "the state of %s at %s is nested too deeply to digest: plain"
+                " (not persistent) values nested more than about %d levels,"
+                " or a chain of that many persistent objects read to order a"
+                " set" % (name, path or "/", _RECURSION // 5)) from None
         finally:
             self._current = None
-        h.update(b"".join(parts))
-        digest = h.digest()
-        # Positions are implicit in the order: the sequence of the
-        # objects' hashes is the whole state.
-        self._total.update(digest)
-        return ObjectDigest(path or "/", name, digest.hex())
+            self._rec, self._rec_objs = {}, []
 
     def _encode_object(self, obj, path, parts, h):
         obj._p_activate()
@@ -433,6 +621,11 @@ class Walker:
         step = self.gc_every
         if mapping:
             for n, (key, value) in enumerate(tree.items(), 1):
+                if self._rec_objs:
+                    # A tree is pickled bucket by bucket, and its buckets
+                    # are not part of the state: sharing counts within one
+                    # item only.
+                    self._rec, self._rec_objs = {}, []
                 if type(key) is str or _shown(key):
                     self._encode(key, path, _KEY, parts)
                     at = key
@@ -448,6 +641,8 @@ class Walker:
                     self._inside_tree(n)
         else:
             for n, key in enumerate(tree.keys(), 1):
+                if self._rec_objs:
+                    self._rec, self._rec_objs = {}, []
                 self._encode(key, path, _KEY, parts)
                 if len(parts) > 4096:
                     h.update(b"".join(parts))
@@ -489,14 +684,26 @@ class Walker:
             parts.append(b"b%d:" % len(value))
             parts.append(value)
         elif t is tuple or t is list:
+            if t is list and self._repeated(value, parts):
+                return
             here = _at(base, step)
             parts.append(b"(" if t is tuple else b"[")
             for i, item in enumerate(value):
                 self._encode(item, here, i, parts)
             parts.append(b")" if t is tuple else b"]")
         elif t is dict:
+            # (_repeated(), inlined: most objects' state is a dict)
+            seen = self._rec.get(id(value))
+            if seen is not None:
+                self._rec_touch += 1
+                parts.append(b"&%d;" % seen)
+                return
+            self._rec[id(value)] = len(self._rec_objs)
+            self._rec_objs.append(value)
             self._encode_dict(value, _at(base, step), parts)
         elif t is set or t is frozenset:
+            if t is set and self._repeated(value, parts):
+                return
             here = _at(base, step)
             parts.append(b"<" if t is set else b"f<")
             for item, _, _ in self._canonical(
@@ -515,8 +722,27 @@ class Walker:
                 self._encode_reference(target, _at(base, step), parts)
         elif isinstance(value, type) or _is_global(value):
             parts.append(b"g%s;" % _class_name(value).encode("utf-8"))
-        else:
+        elif not self._repeated(value, parts):
             self._encode_reduced(value, base, step, parts)
+
+    def _repeated(self, value, parts):
+        """Whether ``value`` was met before in this record: then it is
+        hashed as a reference back to that, as pickle does within a
+        record (which keeps sharing, and cycles, of plain values)."""
+        seen = self._rec.get(id(value))
+        if seen is not None:
+            self._rec_touch += 1
+            parts.append(b"&%d;" % seen)
+            return True
+        self._rec[id(value)] = len(self._rec_objs)
+        self._rec_objs.append(value)
+        return False
+
+    def _rec_undo(self, mark):
+        objs = self._rec_objs
+        for value in objs[mark:]:
+            del self._rec[id(value)]
+        del objs[mark:]
 
     def _encode_dict(self, value, here, parts):
         keyed = []
@@ -550,47 +776,109 @@ class Walker:
         Members that hold persistent objects the walk has not reached
         would be numbered in the order Python iterates them (by ``id()``
         or oid): they are sorted by a hash of their content first (a
-        key's with its value's), and numbered in that order.  Two members
-        with the same content hash hold identical objects: the objects
-        found in the second are made aliases of those found in the first,
-        so that which of them a reference elsewhere names does not change
-        the digest.
+        key's with its value's; each member read on its own), and
+        numbered in that order.  Members whose content ties are one
+        group: which of them a reference elsewhere names is hashed by the
+        group's slot the first reference to it got (see
+        _encode_reference), not by their arbitrary order here.
         """
         outer = self._seen
-        if outer is None:
-            self._seen = _Content()
+        ctx = outer if outer is not None else _Content()
+        self._seen = ctx
+        rec_mark = len(self._rec_objs)
         try:
             keyed = []
             for member, value in members:
-                before = self._seen.met
+                met, touch, rec_touch = ctx.met, ctx.touch, self._rec_touch
+                mark = len(ctx.order)
                 key_bytes = self._bytes(member, here, _HERE)
                 value_bytes = None if value is _NOVALUE else self._bytes(
                     value, here, _HERE)
+                # Read on its own: what it met is forgotten again, so that
+                # the order members are read in does not matter.
+                touched = (ctx.touch != touch
+                           or self._rec_touch != rec_touch)
+                if len(ctx.order) != mark:
+                    ctx.undo(mark)
+                if len(self._rec_objs) != rec_mark:
+                    self._rec_undo(rec_mark)
+                    touched = True
                 keyed.append((key_bytes, value_bytes or b"",
-                              self._seen.met != before, member, value,
+                              ctx.met != met, touched, member, value,
                               value_bytes))
         finally:
             self._seen = outer
         keyed.sort(key=_sort_pair)
         result = []
-        previous = None
-        for i, (key_bytes, _, expanded, member, value, value_bytes) in (
-                enumerate(keyed)):
-            if not expanded or outer is not None or self._probe:
+        if outer is not None or self._probe:
+            # Inside the content of a member: read again in order, where
+            # sharing with an earlier sibling shows.
+            self._seen = ctx if outer is not None else None
+            for key_bytes, _, _, touched, member, value, value_bytes in (
+                    keyed):
+                if touched and outer is not None:
+                    key_bytes = self._bytes(member, here, _HERE)
+                    if value is not _NOVALUE:
+                        value_bytes = self._bytes(value, here, _HERE)
                 result.append((key_bytes, value_bytes, member))
+            self._seen = outer
+            return result
+        i = 0
+        while i < len(keyed):
+            key_bytes, _, expanded, touched, member, value, value_bytes = (
+                keyed[i])
+            if not expanded:
+                if touched:
+                    key_bytes = self._bytes(member, here, _HERE)
+                    if value is not _NOVALUE:
+                        value_bytes = self._bytes(value, here, _HERE)
+                result.append((key_bytes, value_bytes, member))
+                i += 1
                 continue
-            first = self._next
-            encoded = self._encode_member(member, value, here, label, i)
-            count = self._next - first
-            if (previous is not None and previous[0] == keyed[i][:2]
-                    and previous[2] == count):
-                for k in range(count):
-                    target = previous[1] + k
-                    self._alias[first + k] = self._alias.get(target, target)
-                encoded = self._encode_member(member, value, here, label, i)
-            previous = (keyed[i][:2], first, count)
-            result.append(encoded + (member,))
+            end = i + 1
+            while (end < len(keyed) and keyed[end][2]
+                   and keyed[end][:2] == keyed[i][:2]):
+                end += 1
+            if end == i + 1:
+                result.append(self._encode_member(member, value, here,
+                                                  label, i) + (member,))
+                i += 1
+                continue
+            result.extend(self._encode_group(keyed[i:end], here, label, i))
+            i = end
         return result
+
+    def _encode_group(self, run, here, label, start):
+        """Members whose content ties: give their objects positions, and
+        make them one group if each member holds as many."""
+        mark = len(self._rec_objs)
+        firsts, counts, encoded = [], [], []
+        self._hold = True
+        try:
+            for n, (_, _, _, _, member, value, _) in enumerate(run):
+                firsts.append(self._next)
+                encoded.append(self._encode_member(
+                    member, value, here, label, start + n) + (member,))
+                counts.append(self._next - firsts[-1])
+            count = counts[0]
+            if count == 0 or any(c != count for c in counts):
+                # Not a true tie (a member holds an object another one
+                # gave a position to): positions name objects uniquely.
+                return encoded
+            group = firsts[0]
+            for m, first in enumerate(firsts):
+                for j in range(count):
+                    self._groups[first + j] = (group, m, j)
+            self._rec_undo(mark)
+            listed = []
+            for n, (_, _, _, _, member, value, _) in enumerate(run):
+                self._linking = (group, n)
+                listed.append(self._encode_member(
+                    member, value, here, label, start + n) + (member,))
+            return listed
+        finally:
+            self._hold = False
+            self._linking = None
 
     def _encode_member(self, member, value, here, label, i):
         encoded = self._bytes(member, here, _Label(label % i))
@@ -611,31 +899,61 @@ class Walker:
                 parts.append(b"?%s;" % _class_name(type(obj)).encode(
                     "utf-8"))
                 return
-        parts.append(b"@%d;" % self._alias.get(index, index))
+        grouped = self._groups.get(index) if self._groups else None
+        if grouped is None:
+            parts.append(b"@%d;" % index)
+            return
+        group, member, j = grouped
+        if self._collect is not None:
+            self._collect.add((group, member))
+        slot = self._slots.get((group, member))
+        if slot is None:
+            ctx = self._seen
+            if ctx is not None:
+                # Read for content, in an order not final yet: which
+                # member, as how far back the read met it first.
+                back = ctx.meet(("group", group, member))
+                parts.append(b"@%d%s:%d;" % (group, back or b"*", j))
+                return
+            if self._hold or self._probe:
+                linking = self._linking
+                if linking is not None and linking[0] != group:
+                    self._links.setdefault(linking, []).append(
+                        (group, member))
+                    self._links.setdefault((group, member), []).append(
+                        linking)
+                parts.append(b"@%d?:%d;" % (group, j))
+                return
+            slot = self._assign(group, member)
+            links = self._links.get((group, member))
+            if links:
+                # Which members it was listed with, as far as they have
+                # slots: the pairing the listing could not show.
+                parts.append(b"%r" % sorted(
+                    (k[0], self._slots[k]) for k in links
+                    if k in self._slots))
+        parts.append(b"@%d.%d:%d;" % (group, slot, j))
 
     def _encode_content(self, obj, key, path, parts):
         """An object the walk has not reached, by its content, read depth
-        first: a reference back to an object on the way there (a cycle) is
-        hashed as how many steps back it is, which does not depend on the
-        order siblings are read in, so sets met on the way can be ordered
-        by content too.  Objects reached twice otherwise are read twice,
-        except those whose content refers to no other object not walked
-        yet (or only to such objects): their hash is the same wherever
-        they are met, and is kept."""
+        first.  An object met again in the same read (a cycle back, or
+        shared) is hashed as how far back in the read it was met first,
+        which depends only on the content read so far, so sets met on the
+        way can be ordered by content too.  The hash of an object whose
+        content refers to no other object not walked yet is the same
+        wherever it is met, and is kept."""
         ctx = self._seen
         ctx.met += 1
-        depth = ctx.depth.get(key)
-        if depth is not None:
-            parts.append(b"^%d;" % (len(ctx.stack) - depth))
-            ctx.low = min(ctx.low, depth)
+        back = ctx.meet(key)
+        if back is not None:
+            parts.append(back)
             return
         known = ctx.memo.get(key)
         if known is not None:
             parts.append(known)
             return
         ctx.read += 1
-        read = ctx.read
-        if read > CONTENT_OBJECTS:
+        if ctx.read > CONTENT_OBJECTS:
             raise DigestError(
                 "cannot digest %s (in %s): to order the persistent objects"
                 " of a set or of dict keys canonically, their content is"
@@ -643,26 +961,24 @@ class Walker:
                 " yet (CONTENT_OBJECTS)" % (
                     path or "/", _class_name(type(self._current)),
                     CONTENT_OBJECTS))
-        mine = ctx.depth[key] = len(ctx.stack)
-        ctx.stack.append(key)
-        low, ctx.low = ctx.low, mine
+        touch = ctx.touch
         was_ghost = obj._p_changed is None
         name = _class_name(type(obj))
         h = hashlib.blake2b(digest_size=32)
         inner = [b"C", name.encode("utf-8"), b";"]
+        rec = self._rec, self._rec_objs, self._rec_touch
+        self._rec, self._rec_objs = {}, []   # a record of its own
         try:
             self._encode_object(obj, path, inner, h)
         finally:
-            ctx.stack.pop()
-            del ctx.depth[key]
-            reached, ctx.low = ctx.low, min(low, ctx.low)
+            self._rec, self._rec_objs, self._rec_touch = rec
         if was_ghost:
             obj._p_deactivate()
         h.update(b"".join(inner))
         encoded = b"c%s;" % h.hexdigest().encode("ascii")
-        if ctx.read == read and reached >= mine:
-            # It read no other object, but kept ones, which never lead back
-            # to an object being read: the same hash anywhere.
+        if ctx.touch == touch:
+            # It met nothing of the read (only objects walked already):
+            # the same hash anywhere.
             ctx.memo[key] = encoded
         parts.append(encoded)
 
@@ -723,10 +1039,13 @@ class Walker:
         """The encoding of a value of an object already walked, without
         naming anything new."""
         self._probe = True
+        rec = self._rec, self._rec_objs
+        self._rec, self._rec_objs = {}, []
         try:
             return self._bytes(value, "", _HERE)
         finally:
             self._probe = False
+            self._rec, self._rec_objs = rec
 
     def _plain(self, value, depth=0):
         """``value`` with persistent references shown as paths."""
@@ -745,6 +1064,15 @@ class Walker:
             path = None if index is None else self._paths[index]
             return _Unknown(value) if path is None else _Ref(path)
         return value
+
+
+class _NoHash:
+    """A hash taking nothing, for _encode_tree() when only references
+    are looked for."""
+
+    @staticmethod
+    def update(data):
+        pass
 
 
 class _Here:
@@ -775,13 +1103,31 @@ class _Content:
     """The state of ordering members by content (Walker._canonical)."""
 
     def __init__(self):
-        self.stack = []   # keys of the objects being read, outermost first
-        self.depth = {}   # key -> its index in stack
-        self.memo = {}    # key -> content hash, of objects that lead only
-        #                   to kept ones
-        self.low = 0      # the shallowest depth a cycle led back to
+        self.seen = {}    # key -> when the current read met it first
+        self.order = []   # those keys, in that order
+        self.touch = 0    # meetings, to know whether a read had any
+        self.memo = {}    # key -> content hash, of objects that meet
+        #                   nothing of the read
         self.met = 0      # references to objects not walked yet
         self.read = 0     # objects read for their content
+
+    def meet(self, key):
+        """``None`` the first time the current read meets ``key``, then
+        the encoding of how far back that was."""
+        self.touch += 1
+        first = self.seen.get(key)
+        if first is not None:
+            return b"^%d;" % (len(self.order) - first)
+        self.seen[key] = len(self.order)
+        self.order.append(key)
+        return None
+
+    def undo(self, mark):
+        """Forget what was met since ``len(order)`` was ``mark``."""
+        order = self.order
+        for key in order[mark:]:
+            del self.seen[key]
+        del order[mark:]
 
 
 _first = operator.itemgetter(0)

@@ -12,6 +12,7 @@ import sys
 import time
 
 import persistent
+import persistent.list
 import pytest
 import transaction
 import ZODB
@@ -91,6 +92,34 @@ class AddTag(Command):
         if tags is None:
             tags = root["tags"] = PersistentMapping(members=set())
         tags["members"] = tags["members"] | {Tag(self.name)}
+
+
+class TwinTags(Command):
+    """Two tags of the same content in a set, and an empty list."""
+    command_name = "tests.checkreplay.twin-tags"
+
+    def execute(self, root, context):
+        root["twins"] = {Tag("t"), Tag("t")}
+        root["picked"] = persistent.list.PersistentList()
+
+
+class PickTwin(Command):
+    """Non-deterministic: appends the twin ``PickTwin.choose`` (min or
+    max) picks by id(), which the test switches between live and
+    replay."""
+    command_name = "tests.checkreplay.pick-twin"
+    choose = [min]
+
+    def execute(self, root, context):
+        root["picked"].append(self.choose[0](root["twins"], key=id))
+
+
+class RenamePicked(Command):
+    """Deterministic, after the picks."""
+    command_name = "tests.checkreplay.rename-picked"
+
+    def execute(self, root, context):
+        root["picked"][0].name = "renamed"
 
 
 def run(capsys, *argv):
@@ -449,6 +478,63 @@ class TestRecordedDigests:
         status, report, _ = check_json(capsys, site)
         assert status == 0, report
         assert report["digests"]["matched"] == n
+
+    def test_the_same_twin_twice_is_not_both_twins(self, capsys, site):
+        """Live picks both of two tags of the same content, replay one of
+        them twice: caught at the second pick, not blamed on the
+        deterministic command that later makes the twins differ."""
+        jdb = open_site(site, digest_interval=1)
+        jdb.execute(TwinTags())
+        try:
+            PickTwin.choose[0] = min
+            jdb.execute(PickTwin())
+            PickTwin.choose[0] = max
+            jdb.execute(PickTwin())
+            culprit = jdb.journal.last_seq - 1  # its digest follows it
+            jdb.execute(RenamePicked())
+            jdb.close()
+            db = ZODB.DB(ZODB.FileStorage.FileStorage(site.data_fs,
+                                                      read_only=True))
+            try:
+                conn = db.open()
+                picked = conn.root()["picked"]
+                assert picked[0] is not picked[1]  # live: both twins
+            finally:
+                db.close()
+            PickTwin.choose[0] = min  # replay picks the same one twice
+            status, report, _ = check_json(capsys, site)
+        finally:
+            PickTwin.choose[0] = min
+        assert status == 1, report
+        assert report["difference"]["path"] == "/picked"
+        divergence = report["divergence"]
+        assert divergence["by"] == culprit
+        assert [c["command_name"] for c in divergence["commands"]] == [
+            PickTwin.command_name]
+
+    def test_digests_of_the_previous_scheme_are_not_compared(
+            self, capsys, site, monkeypatch):
+        """zjournal-digest-2 hashed tied members as one: its digests are
+        passed over, not compared with this scheme's."""
+        def old_record(root, after):
+            result = digest.state_digest(root)
+            return digest.StateDigest(after, result.hexdigest,
+                                      result.objects,
+                                      scheme="zjournal-digest-2")
+
+        jdb = open_site(site, digest_interval=2)
+        workload(jdb, 3)
+        monkeypatch.setattr(digest, "record", old_record)
+        workload(jdb, 4, start=3)
+        monkeypatch.undo()
+        workload(jdb, 3, start=7)
+        jdb.close()
+        status, report, _ = check_json(capsys, site)
+        assert status == 0, report
+        old = report["digests"]["other_scheme"]
+        assert old >= 2
+        assert report["digests"]["recorded"] == (
+            report["digests"]["matched"]) == len(digest_points(site)) - old
 
     @pytest.mark.parametrize("batch", ["1", "1000"])
     def test_digests_are_queries_compared_after_their_seq(self, capsys,

@@ -907,7 +907,7 @@ class TestSameStateSameDigest:
         assert found != {digest_of(tag_site((0, 1, 2, 3), pick=1))
                          .hexdigest}
 
-    def test_identical_members_are_interchangeable(self):
+    def test_which_identical_member_one_reference_names(self):
         same = ("a", "a", "b")
         assert digest_of(tag_site((0, 1, 2), pick=0, contents=same)) == (
             digest_of(tag_site((2, 1, 0), pick=1, contents=same)))
@@ -1018,3 +1018,242 @@ def test_linked_set_members_in_any_creation_order(nodes, data):
 
     order = data.draw(st.permutations(range(n)))
     assert digest_of(fill(range(n), 0)) == digest_of(fill(order, 3))
+
+
+# -- tied set members: the same object twice is not two objects --------------
+
+class Item(persistent.Persistent):
+
+    def __init__(self, v):
+        self.v = v
+
+
+def tied_members(picks, order=(0, 1), junk=0):
+    """Two Items of equal content in a set; ``root["r"]`` lists the
+    members ``picks`` names (created in ``order``, with ``junk`` objects
+    allocated in between to move their id()s)."""
+    def fill(root):
+        made, keep = [None, None], []
+        for i in order:
+            keep.append([object() for _ in range(junk)])
+            made[i] = Item(1)
+        root["a"] = set(made)
+        root["r"] = PersistentList([made[i] for i in picks])
+    return fill
+
+
+class TestTiedMembers:
+
+    def test_same_member_twice_is_not_two_members(self):
+        differ_and_located(tied_members([0, 0]), tied_members([0, 1]), "/r")
+
+    def test_references_from_the_root_itself(self):
+        def fill(pick):
+            def fill_root(root):
+                a, b = Item(1), Item(1)
+                root["a"] = {a, b}
+                root["x"], root["y"] = a, (a, b)[pick]
+            return fill_root
+        a1, a2 = digest_of(fill(0)), digest_of(fill(1))
+        assert a1 != a2
+
+    def test_which_one_is_still_no_difference(self):
+        found = {digest_of(tied_members(picks, order, junk)).hexdigest
+                 for picks, order, junk in [
+                     ([0, 1], (0, 1), 0), ([1, 0], (0, 1), 3),
+                     ([0, 1], (1, 0), 7), ([1, 0], (1, 0), 1)]}
+        assert len(found) == 1
+        found = {digest_of(tied_members(picks, order, junk)).hexdigest
+                 for picks, order, junk in [
+                     ([0, 0], (0, 1), 0), ([1, 1], (0, 1), 3),
+                     ([0, 0], (1, 0), 7), ([1, 1], (1, 0), 1)]}
+        assert len(found) == 1
+
+    def test_a_member_named_only_by_another_member(self):
+        """Two members that refer to themselves tie; a third refers to one
+        of them: whichever, the same state."""
+        def fill(order, junk):
+            def fill_root(root):
+                made, keep = [None] * 3, []
+                for i in order:
+                    keep.append([object() for _ in range(junk)])
+                    made[i] = Item(1)
+                made[0].next, made[1].next = made[0], made[1]
+                made[2].next = made[0]
+                root["s"] = set(made)
+            return fill_root
+        found = {digest_of(fill(order, junk)).hexdigest
+                 for order, junk in [((0, 1, 2), 0), ((1, 0, 2), 3),
+                                     ((2, 1, 0), 5), ((1, 2, 0), 1)]}
+        assert len(found) == 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from("ab"), min_size=1, max_size=5), st.data())
+def test_pairs_of_references_into_a_set(contents, data):
+    """A set of tags (equal contents likely) and a list naming two of
+    them: the digests agree exactly when the lists name tags of the same
+    contents, and the same tag twice on both sides or on neither."""
+    n = len(contents)
+
+    def fill(order, junk, picks):
+        def fill_root(root):
+            tags, keep = [None] * n, []
+            for i in order:
+                keep.append([object() for _ in range(junk)])
+                tags[i] = Item(contents[i])
+            root["tags"] = set(tags)
+            root["r"] = PersistentList([tags[i] for i in picks])
+        return fill_root
+
+    def pick():
+        return [data.draw(st.integers(0, n - 1)) for _ in range(2)]
+
+    pa, pb = pick(), pick()
+    da = digest_of(fill(data.draw(st.permutations(range(n))), 3, pa))
+    db = digest_of(fill(data.draw(st.permutations(range(n))), 0, pb))
+
+    def meaning(p):
+        return [contents[i] for i in p], p[0] == p[1]
+    assert (da == db) == (meaning(pa) == meaning(pb))
+
+
+def test_shared_object_inside_tied_members():
+    """(A, A2) and (B, B) read as trees used to tie, and the order Python
+    iterated them in decided the digest."""
+    def fill(order, junk):
+        def fill_root(root):
+            made, keep = {}, []
+            for name in order:
+                keep.append([object() for _ in range(junk)])
+                made[name] = Item(1)
+            root["edges"] = {(made["a"], made["a2"]), (made["b"], made["b"])}
+        return fill_root
+    found = {digest_of(fill(order, junk)).hexdigest
+             for order in [("a", "a2", "b"), ("b", "a", "a2"),
+                           ("a2", "b", "a"), ("b", "a2", "a")]
+             for junk in (0, 5)}
+    assert len(found) == 1
+
+    def pairs(root):
+        a, a2, b, b2 = Item(1), Item(1), Item(1), Item(1)
+        root["edges"] = {(a, a2), (b, b2)}
+    assert found != {digest_of(pairs).hexdigest}
+
+
+# -- plain values: cycles, depth, sharing within a record ---------------------
+
+class Plain:
+    """Not persistent: pickled within the record of its holder."""
+
+    def __init__(self, parent=None):
+        self.parent = parent
+        self.kids = []
+
+
+def plain_tree(share_parent=True):
+    top = Plain()
+    for _ in range(3):
+        top.kids.append(Plain(top if share_parent else Plain()))
+    return top
+
+
+def chain(length, last="end"):
+    head = Plain(last)
+    for _ in range(length - 1):
+        head = Plain(head)
+    return head
+
+
+class TestPlainValues:
+
+    def test_plain_tree_with_parent_pointers(self):
+        first = digest_of(lambda r: r.update(p=Item(plain_tree())))
+        assert first == digest_of(lambda r: r.update(p=Item(plain_tree())))
+        assert first != digest_of(lambda r: r.update(
+            p=Item(plain_tree(share_parent=False))))
+
+    def test_deep_chain_like_pickle(self):
+        import pickle
+        pickle.dumps(chain(300), 3)  # pickle takes it
+        first = digest_of(lambda r: r.update(p=Item(chain(300))))
+        assert first == digest_of(lambda r: r.update(p=Item(chain(300))))
+        assert first != digest_of(lambda r: r.update(
+            p=Item(chain(300, last="other"))))
+
+    def test_too_deep_says_so(self):
+        db, tm, conn = open_db()
+        try:
+            conn.root()["p"] = Item(chain(20000))
+            with pytest.raises(DigestError, match="nested too deeply") as e:
+                digest.state_digest(conn.root())
+            assert "/p" in str(e.value) and "not persistent" in str(e.value)
+            tm.abort()
+        finally:
+            db.close()
+
+    def test_sharing_within_a_record_counts(self):
+        def shared(root):
+            item = root["o"] = Item(None)
+            inner = [1]
+            item.v = (inner, inner)
+
+        def copies(root):
+            root["o"] = Item(([1], [1]))
+        differ_and_located(shared, copies, "/o")
+
+    def test_sharing_across_records_does_not(self):
+        def shared(root):
+            inner = [1]
+            root["x"], root["y"] = Item(inner), Item(inner)
+
+        def copies(root):
+            root["x"], root["y"] = Item([1]), Item([1])
+        assert digest_of(shared) == digest_of(copies)
+
+    def test_the_same_in_memory_and_from_storage(self):
+        """What the digest hashes survives pickling: a state digested
+        before its commit digests the same once loaded again."""
+        db, tm, conn = open_db()
+        try:
+            root = conn.root()
+            inner = {"k": [1]}
+            root["o"] = Item((inner, inner, plain_tree(), chain(300)))
+            root["p"] = Item(inner)  # another record: a copy once stored
+            before = digest.state_digest(root)
+            tm.commit()
+            conn.cacheMinimize()
+            other = db.open(transaction.TransactionManager())
+            try:
+                assert digest.state_digest(other.root()) == before
+            finally:
+                other.close()
+        finally:
+            db.close()
+
+
+def test_tied_members_paired_with_other_tied_members():
+    """{(a, c1), (b, c2)}, a and b tied, c1 and c2 tied: a reference to a
+    then c1 (a pair) is not one to a then c2."""
+    def fill(pick, order, junk, first_a=True):
+        def fill_root(root):
+            made, keep = {}, []
+            for name in order:
+                keep.append([object() for _ in range(junk)])
+                made[name] = Item(name[0])
+            root["c"] = {made["c1"], made["c2"]}
+            root["m"] = PersistentList([{(made["a"], made["c1"]),
+                                         (made["b"], made["c2"])}])
+            refs = [made["a"], made[pick]]
+            root["z"] = PersistentList(refs if first_a else refs[::-1])
+        return fill_root
+
+    orders = [("a", "b", "c1", "c2"), ("c2", "b", "a", "c1"),
+              ("b", "c1", "c2", "a")]
+    for first_a in (True, False):
+        paired = {digest_of(fill("c1", o, j, first_a)).hexdigest
+                  for o in orders for j in (0, 4)}
+        apart = {digest_of(fill("c2", o, j, first_a)).hexdigest
+                 for o in orders for j in (0, 4)}
+        assert len(paired) == len(apart) == 1
+        assert paired != apart
