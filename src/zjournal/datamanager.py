@@ -76,9 +76,12 @@ def journaled_seqs(txn):
 def finish_failed(txn):
     """Whether ``txn`` failed after a journal had voted its records.
 
-    That is the one failure that must not be retried: the commands are
-    committed in the journal, and the ZODB catches up from it.  False for
-    a transaction that committed, or that failed before any journal voted.
+    Such a failure must not be retried: the commands are committed in the
+    journal, and the ZODB catches up from it.  (An error raised after the
+    whole two-phase commit, by a synchronizer's ``afterCompletion``, must
+    not be either: there ``finish_failed`` is False but
+    :func:`journaled_seqs` answers.)  False for a transaction that
+    committed, or that failed before any journal voted.
     """
     found = _outcomes.get(txn)
     return found is not None and found.failed_after

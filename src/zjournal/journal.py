@@ -451,10 +451,7 @@ class FileJournal:
                 raise JournalError("no journal at %s (no such directory)"
                                    % self.path)
         else:
-            self._made_dir = self._make_dirs(self.path)
-            self._made_lock = not os.path.exists(
-                os.path.join(self.path, LOCK_NAME))
-            self._lock = _take_lock(self.path)
+            self._make_dirs_and_lock()
         self._segments = self._all_segments()
         if not self._segments:
             if self.readonly:
@@ -480,6 +477,30 @@ class FileJournal:
         if not self.readonly:
             self._fd = self._io.open_append(
                 self._segment_path(self._segments[-1]))
+
+    def _make_dirs_and_lock(self, attempts=10):
+        """Create the journal's directory if need be, and take its lock.
+
+        A refused open of the same new journal in another process removes
+        the directories it created once it let go of the lock; one that
+        vanishes between here creating (or finding) it and locking is
+        made again.
+        """
+        for attempt in range(attempts):
+            self._made_dir = self._make_dirs(self.path)
+            self._made_lock = not os.path.exists(
+                os.path.join(self.path, LOCK_NAME))
+            try:
+                self._lock = _take_lock(self.path)
+                return
+            except FileNotFoundError:
+                if attempt == attempts - 1:
+                    raise JournalError(
+                        "journal %s: its directory keeps vanishing while"
+                        " it is being opened (another process removing"
+                        " it?)" % self.path) from None
+                logger.debug("journal %s: its directory vanished while"
+                             " being opened; making it again", self.path)
 
     def _make_dirs(self, path):
         """Create ``path`` and missing parents, syncing each new entry.

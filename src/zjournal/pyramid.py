@@ -65,7 +65,6 @@ from pyramid_tm import tm_tween_factory
 from pyramid_zodbconn import get_connection
 
 from zjournal import recovery
-from zjournal.datamanager import finish_failed
 from zjournal.datamanager import journaled_seqs
 from zjournal.db import JournaledDB
 from zjournal.db import execute as _execute
@@ -454,6 +453,11 @@ def view_response_tween_factory(handler, registry):
             # would leave a stray transaction behind.
             return response
         request._zjournal_response = response
+        # An exception the view raised and an exception view rendered
+        # (a redirect let through by commit_veto) is the view's, not a
+        # failed commit's.
+        request._zjournal_view_exception = getattr(
+            request, "exception", None)
         try:
             request._zjournal_txn = request.tm.get()
         except transaction.interfaces.NoTransaction:
@@ -471,13 +475,20 @@ def _response_after_journal(request, error):
 
     Asked of the transaction pyramid_tm committed, whoever executed the
     commands in it (``request.execute`` or :func:`zjournal.execute` on the
-    request's connection).  ``request.exception`` is cleared with it:
-    pyramid_retry retries a returned response whose ``request.exception``
-    is retryable.
+    request's connection).  The view returned (its response was kept), so
+    an error that reaches here with the transaction's records durable in
+    the journal came from the commit: from the ZODB's ``tpc_finish``
+    (:func:`~zjournal.datamanager.finish_failed`) or from after it (a
+    synchronizer's ``afterCompletion``, where a storage may poll its
+    server).  Either way the commands are committed.
+    ``request.exception`` is cleared with it: pyramid_retry retries a
+    returned response whose ``request.exception`` is retryable.
     """
     txn = request.__dict__.get("_zjournal_txn")
     response = request.__dict__.get("_zjournal_response")
-    if txn is None or response is None or not finish_failed(txn):
+    if txn is None or response is None or journaled_seqs(txn) is None:
+        return None
+    if error is request.__dict__.get("_zjournal_view_exception"):
         return None
     first, last = journaled_seqs(txn)
     logger.error(

@@ -308,6 +308,12 @@ def _until_seq_notes(journal, until_seq):
     if entry is None or entry[2] & FLAG_END:
         return []
     first, last = _transaction_of(journal, until_seq)
+    if last is not None and all(
+            e[2] & FLAG_QUERY
+            for e in journal.entries(until_seq + 1, last + 1)):
+        # Only queries follow in the transaction: they change nothing,
+        # so the state after until_seq is the committed one.
+        return []
     if last is None:
         # A transaction the journal does not finish: a torn tail that a
         # reader leaves in place is not read at all, so this is unusual.

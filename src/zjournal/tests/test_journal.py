@@ -1810,3 +1810,29 @@ class TestKillPoints:
         proc = _run(tmp_path, "append", 2, 2)
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.split() == [b"2", b"4", b"done"]
+
+
+def test_a_directory_removed_by_a_refused_open_is_made_again(tmp_path,
+                                                             monkeypatch):
+    # Another process's refused open of the same new journal removes the
+    # directories it created, after releasing the lock, just as this one
+    # found them there and was about to lock.
+    path = str(tmp_path / "var" / "journal")
+    refused = FileJournal(path)
+    real = FileJournal._make_dirs
+
+    def make_dirs_then_interleave(self, p):
+        made = real(self, p)
+        if p == path and not refused.closed:
+            refused.close_refused()
+        return made
+
+    monkeypatch.setattr(FileJournal, "_make_dirs", make_dirs_then_interleave)
+    journal = FileJournal(path)
+    try:
+        assert journal.last_seq == 0
+        assert os.path.exists(os.path.join(path, "journal.lock"))
+    finally:
+        journal.close()
+    with FileJournal(path, readonly=True) as reader:
+        assert reader.identity == journal.identity

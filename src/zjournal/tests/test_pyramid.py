@@ -32,6 +32,7 @@ from pyramid_zodbconn import get_connection  # noqa: E402
 import zjournal  # noqa: E402
 from zjournal import commands  # noqa: E402
 from zjournal import pyramid as zpyramid  # noqa: E402
+from zjournal.datamanager import journaled_seqs  # noqa: E402
 from zjournal.tests.examples import Fail  # noqa: E402
 from zjournal.tests.examples import Increment  # noqa: E402
 from zjournal.tests.examples import Put  # noqa: E402
@@ -538,6 +539,37 @@ class TestExecute:
         assert shown(testapp) == (({}, {"n": 1}), 1)
         assert testapp.get("/bump").json["result"] == 2
         assert jdb.journal.last_seq == 2
+
+    def test_an_error_after_the_commit_completed_is_not_retried(
+            self, settings, apps, manager, monkeypatch):
+        # transaction runs the synchronizers' afterCompletion after the
+        # two-phase commit, outside its error handling: a storage that
+        # polls its server there (RelStorage) can raise a TransientError
+        # although journal and ZODB both committed.
+        ClientDisconnected = pytest.importorskip(
+            "ZEO.Exceptions").ClientDisconnected
+        if manager:
+            settings["tm.manager_hook"] = manager
+        app = apps(settings)
+        jdb = zpyramid.get_journaled_db(app.registry)
+        testapp = webtest.TestApp(app)
+        real = ZODB.Connection.Connection.afterCompletion
+        raised = []
+
+        def afterCompletion(conn, txn):
+            real(conn, txn)
+            if getattr(conn, "journaled_db", None) is not None \
+                    and not raised and journaled_seqs(txn):
+                raised.append(txn)
+                raise ClientDisconnected("lost the server while polling")
+
+        monkeypatch.setattr(ZODB.Connection.Connection, "afterCompletion",
+                            afterCompletion)
+        res = testapp.get("/bump")
+        assert raised
+        assert res.json == {"result": 1, "attempts": [0]}
+        assert [e.command.by for e in jdb.journal.entries()] == [1]
+        assert shown(testapp) == (({}, {"n": 1}), 1)
 
     @pytest.mark.parametrize("path, error_view", [
         ("/bump", True),     # pyramid_tm renders the commit error

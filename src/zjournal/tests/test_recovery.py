@@ -338,6 +338,19 @@ class TestUntilAndTransactions:
         assert result.warnings[0].endswith("--until 2 gives a committed"
                                            " state")
 
+    def test_only_queries_after_the_seq_are_no_cut(self, site):
+        from zjournal.tests.test_query import Lookup
+        jdb = site.open(journal_queries=True)
+        with jdb.transaction() as conn:
+            zjournal.execute(conn, Put("a", 1))
+            zjournal.query(conn, Lookup("a"))
+        jdb.close()
+        with site.journal(readonly=True) as journal:
+            assert journal.last_seq == 2
+            table, seq, result = rebuilt(journal, until_seq=1)
+        assert (table, seq) == ({"a": 1}, 1)
+        assert (result.partial_transaction, result.warnings) == (None, [])
+
     def test_a_seq_beyond_the_end_is_warned_about(self, site, caplog):
         transactions(site)
         with site.journal(readonly=True) as journal:

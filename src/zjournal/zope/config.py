@@ -44,7 +44,6 @@ import zope.component.event  # noqa: F401 (routes zope.event to handlers)
 from zope.processlifetime import IDatabaseOpened
 from zope.processlifetime import IDatabaseOpenedWithRoot
 
-from zjournal.datamanager import finish_failed
 from zjournal.datamanager import journaled_seqs
 from zjournal.db import JournaledDB
 from zjournal.errors import ZJournalError
@@ -324,7 +323,10 @@ def before_commit(event):
     logged = []
 
     def supports_retry():
-        if not finish_failed(txn):
+        # Asked after the commit failed: with the records durable in the
+        # journal, the failure came after the commit point (the ZODB's
+        # tpc_finish, or a synchronizer's afterCompletion).
+        if journaled_seqs(txn) is None:
             return may_retry()
         if not logged:
             first, last = journaled_seqs(txn)
