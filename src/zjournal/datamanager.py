@@ -64,8 +64,9 @@ def journaled_seqs(txn):
     Once the journal's vote synced them, ``txn``'s commands are committed,
     whatever happens to the rest of its two-phase commit; an integration
     that retries failed requests asks this (with :func:`finish_failed`)
-    before running one again.  With several JournaledDBs in ``txn``, the
-    range of the first journal that voted.  Answers after ``txn`` ended.
+    before running one again.  (A transaction journals into one journal
+    only: :class:`~zjournal.JournaledDB` refuses a second.)  Answers after
+    ``txn`` ended.
     """
     found = _outcomes.get(txn)
     if found is None or not found.journaled:

@@ -464,6 +464,19 @@ class JournaledDB:
         try:
             dm = txn.data(self)
         except KeyError:
+            try:
+                first = txn.data(JournalDataManager)
+            except KeyError:
+                txn.set_data(JournalDataManager, self)
+            else:
+                # Two journals cannot commit atomically: one could vote
+                # its records durable while the other's vote fails, and
+                # the transaction would be neither committed nor not.
+                raise NotJournaledConnectionError(
+                    "this transaction already journals into %s; the"
+                    " commands of one transaction must go to one journal,"
+                    " not also to %s" % (first.journal.path,
+                                         self.journal.path))
             dm = JournalDataManager(self, txn, conn.transaction_manager)
             txn.set_data(self, dm)
         dm.join()

@@ -486,11 +486,17 @@ class FileJournal:
         vanishes between here creating (or finding) it and locking is
         made again.
         """
+        self._made_dir = []
         for attempt in range(attempts):
-            self._made_dir = self._make_dirs(self.path)
-            self._made_lock = not os.path.exists(
-                os.path.join(self.path, LOCK_NAME))
             try:
+                made = self._make_dirs(self.path)
+                # Directories an earlier attempt made and that are still
+                # there are this open's too (parents first).
+                self._made_dir = [d for d in self._made_dir
+                                  if os.path.isdir(d) and d not in made]
+                self._made_dir += made
+                self._made_lock = not os.path.exists(
+                    os.path.join(self.path, LOCK_NAME))
                 self._lock = _take_lock(self.path)
                 return
             except FileNotFoundError:

@@ -60,6 +60,7 @@ from pyramid.exceptions import ConfigurationError
 from pyramid.settings import asbool
 from pyramid.settings import aslist
 from pyramid_retry import IBeforeRetry
+from pyramid_retry import is_error_retryable
 from pyramid_tm import is_tm_active
 from pyramid_tm import tm_tween_factory
 from pyramid_zodbconn import get_connection
@@ -489,6 +490,12 @@ def _response_after_journal(request, error):
     if txn is None or response is None or journaled_seqs(txn) is None:
         return None
     if error is request.__dict__.get("_zjournal_view_exception"):
+        # The view's own exception, rendered by an exception view and
+        # committed anyway (commit_veto let its status through): nothing
+        # failed, but a retryable one must not run the view again.
+        if is_error_retryable(request, error):
+            request.exception = None
+            request.exc_info = None
         return None
     first, last = journaled_seqs(txn)
     logger.error(

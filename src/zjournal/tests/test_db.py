@@ -646,3 +646,29 @@ class TestCatchUp:
         jdb.catch_up()
         assert seen == [True]
         assert not jdb.needs_catch_up
+
+
+def test_one_transaction_journals_into_one_journal(site, tmp_path):
+    # Two journals cannot commit atomically: one could vote its records
+    # durable while the other's vote fails.
+    from zjournal.errors import NotJournaledConnectionError
+    from zjournal.tests.conftest import Site
+    (tmp_path / "other").mkdir()
+    other_site = Site(tmp_path / "other")
+    first = site.open(journal_kw={"fsync": "never"})
+    second = other_site.open(journal_kw={"fsync": "never"})
+    tm = transaction.TransactionManager()
+    try:
+        conn1, conn2 = first.db.open(tm), second.db.open(tm)
+        tm.begin()
+        zjournal.execute(conn1, Increment("n"))
+        with pytest.raises(NotJournaledConnectionError) as e:
+            zjournal.execute(conn2, Increment("m"))
+        assert "must go to one journal" in str(e.value)
+        tm.abort()
+        assert first.journal.last_seq == second.journal.last_seq == 0
+        conn1.close()
+        conn2.close()
+    finally:
+        first.close()
+        second.close()

@@ -1836,3 +1836,59 @@ def test_a_directory_removed_by_a_refused_open_is_made_again(tmp_path,
         journal.close()
     with FileJournal(path, readonly=True) as reader:
         assert reader.identity == journal.identity
+
+
+def test_a_parent_removed_before_the_journal_directory_is_made(tmp_path,
+                                                               monkeypatch):
+    # Another process's refused open removes var/ (which it made) after
+    # this open found var/ there and before it creates var/journal.
+    parent = str(tmp_path / "var")
+    path = os.path.join(parent, "journal")
+    os.mkdir(parent)
+    real = FileJournal._make_dirs
+    removed = []
+
+    def make_dirs(self, p):
+        made = real(self, p)
+        if p == parent and not removed:
+            removed.append(p)
+            os.rmdir(parent)
+        return made
+
+    monkeypatch.setattr(FileJournal, "_make_dirs", make_dirs)
+    journal = FileJournal(path)
+    try:
+        assert removed and journal.last_seq == 0
+        # It made var/ itself on the second attempt: a refusal would take
+        # both away again.
+        assert journal._made_dir == [parent, path]
+    finally:
+        journal.close_refused()
+    assert not os.path.exists(parent)
+
+
+def test_directories_an_earlier_attempt_made_are_remembered(tmp_path,
+                                                            monkeypatch):
+    # This open makes var/ and var/journal; another process removes
+    # var/journal before the lock is taken; the retry makes var/journal
+    # again, and still owns var/.
+    parent = str(tmp_path / "var")
+    path = os.path.join(parent, "journal")
+    real = FileJournal._make_dirs
+    removed = []
+
+    def make_dirs(self, p):
+        made = real(self, p)
+        if p == path and not removed:
+            removed.append(p)
+            os.rmdir(path)
+        return made
+
+    monkeypatch.setattr(FileJournal, "_make_dirs", make_dirs)
+    journal = FileJournal(path)
+    try:
+        assert removed
+        assert journal._made_dir == [parent, path]
+    finally:
+        journal.close_refused()
+    assert not os.path.exists(parent)

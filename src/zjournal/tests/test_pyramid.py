@@ -846,3 +846,36 @@ def start(settings):
 
 if __name__ == "__main__":
     {"worker": worker, "start": start}[sys.argv[1]](json.loads(sys.argv[2]))
+
+
+def test_a_retryable_view_exception_committed_anyway_is_not_retried(
+        settings):
+    # The view raises a TransientError after its command; an exception
+    # view renders it as a redirect, which commit_veto lets commit.  The
+    # command is committed: running the view again would apply it twice.
+    from pyramid.httpexceptions import HTTPFound
+    attempts = []
+
+    def bump(request):
+        attempts.append(request.environ.get("retry.attempt", 0))
+        request.execute(Increment("n"))
+        raise ZODB.POSException.ConflictError("raised by the view")
+
+    def busy(exc, request):
+        return HTTPFound(location="/")
+
+    settings["tm.commit_veto"] = "pyramid_tm.default_commit_veto"
+    config = Configurator(settings=settings)
+    config.include("zjournal.pyramid")
+    config.add_route("bump", "/bump")
+    config.add_view(bump, route_name="bump", renderer="json")
+    config.add_exception_view(busy, context=ZODB.POSException.ConflictError)
+    app = config.make_wsgi_app()
+    jdb = zpyramid.get_journaled_db(app.registry)
+    try:
+        res = webtest.TestApp(app).get("/bump")
+        assert res.status_int == 302
+        assert attempts == [0]
+        assert [e.command.by for e in jdb.journal.entries()] == [1]
+    finally:
+        jdb.close()
