@@ -43,7 +43,6 @@ segments pruned are never written again, and a reader that lists a
 segment just before it moves into the archive finds it there.  Two
 prunes at once are kept apart by ``prune.lock``.
 """
-import fcntl
 import gzip
 import json
 import logging
@@ -73,7 +72,9 @@ from zjournal.journal import PRUNE_STATE
 from zjournal.journal import FileJournal
 from zjournal.journal import archive_dir_of
 from zjournal.journal import list_archived
+from zjournal.journal import lock_held
 from zjournal.journal import read_prune_state
+from zjournal.journal import sync_dir
 
 logger = logging.getLogger(__name__)
 
@@ -292,23 +293,13 @@ def _refuse_live(spec):
             return  # a server's storage: nothing to tell from here
         spec = urllib.parse.urlsplit(spec).path
     lock_path = spec + ".lock"
-    try:
-        fd = os.open(lock_path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return  # no lock file: nobody has it open
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise PruneError(
-                "%s is open for writing by another process (%s is"
-                " locked): it is a live database, not a backup, and"
-                " segments pruned on its word would be lost with it; give"
-                " --covered-by a repozo repository or a copy of the ZODB"
-                " (one that nothing writes to)" % (spec, lock_path)) from None
-        fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
+    if lock_held(lock_path):
+        raise PruneError(
+            "%s is open for writing by another process (%s is locked): it"
+            " is a live database, not a backup, and segments pruned on its"
+            " word would be lost with it; give --covered-by a repozo"
+            " repository or a copy of the ZODB (one that nothing writes"
+            " to)" % (spec, lock_path))
 
 
 def plan(journal, covered, covered_by, action, archive_dir=None):
@@ -430,7 +421,7 @@ def _archive_all(plan, report):
                              state.get("archive"))
             else:
                 _unlink(os.path.join(directory, PRUNE_STATE))
-                _sync_dir(directory)
+                sync_dir(directory)
         raise
     logger.info("archived %d segments of %s into %s", len(done), directory,
                 plan.archive_dir)
@@ -461,10 +452,10 @@ def archive_segment(source, target, journal_dir):
     except BaseException:
         _unlink(tmp)
         raise
-    _sync_dir(os.path.dirname(target))
+    sync_dir(os.path.dirname(target))
     faults.point("archive.after-rename")
     os.remove(source)
-    _sync_dir(journal_dir)
+    sync_dir(journal_dir)
     faults.point("archive.after-remove")
 
 
@@ -500,7 +491,7 @@ def _remove_all(plan, report):
         for path in (live, archived):
             if os.path.exists(path):
                 os.remove(path)
-                _sync_dir(os.path.dirname(path))
+                sync_dir(os.path.dirname(path))
         done.append(segment)
         if report is not None:
             report("removed %s" % os.path.basename(segment.path))
@@ -538,13 +529,13 @@ def _update_state(directory, created, drop=(), **changes):
         f.flush()
         os.fsync(f.fileno())
     os.rename(tmp, path)
-    _sync_dir(directory)
+    sync_dir(directory)
 
 
 def _make_dir(path):
     if not os.path.isdir(path):
         os.makedirs(path, mode=0o700)
-        _sync_dir(os.path.dirname(path))
+        sync_dir(os.path.dirname(path))
 
 
 def _clear_leftovers(archive_dir):
@@ -552,14 +543,6 @@ def _clear_leftovers(archive_dir):
     for name in os.listdir(archive_dir):
         if name.endswith(ARCHIVE_SUFFIX + ".tmp"):
             _unlink(os.path.join(archive_dir, name))
-
-
-def _sync_dir(path):
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _unlink(path):

@@ -190,6 +190,17 @@ def list_archived(archive_dir):
     return found
 
 
+def sync_dir(path):
+    """Make a directory's entries durable: a file created, renamed or
+    removed in it survives a power loss only once the directory is
+    synced.  The one copy every module that writes files uses."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class FileIO:
     """The system calls the journal writes through.
 
@@ -229,11 +240,7 @@ class FileIO:
         (os.fdatasync if hasattr(os, "fdatasync") else os.fsync)(fd)
 
     def sync_dir(self, path):
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        sync_dir(path)
 
     def truncate(self, fd, size):
         os.ftruncate(fd, size)
@@ -1752,7 +1759,13 @@ def _lock_holder(lock_path):
 
 
 def writer_active(path):
-    """Whether some process holds the journal's writer lock right now.
+    """Whether some process holds the journal's writer lock right now."""
+    return lock_held(os.path.join(path, LOCK_NAME))
+
+
+def lock_held(lock_path):
+    """Whether some process holds the lock file ``lock_path`` (zc.lockfile)
+    right now; None where it cannot be told.
 
     Asked without writing anything: a shared lock attempt on a read-only
     descriptor fails exactly while a writer holds the exclusive lock.
@@ -1762,7 +1775,7 @@ def writer_active(path):
     except ImportError:  # pragma: no cover
         return None
     try:
-        fd = os.open(os.path.join(path, LOCK_NAME), os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(lock_path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return False
     try:

@@ -49,6 +49,7 @@ import urllib.parse
 
 from zjournal.errors import ZJournalError
 from zjournal.journal import FSYNC_POLICIES
+from zjournal.journal import sync_dir
 
 logger = logging.getLogger("zjournal.recipe")
 
@@ -719,11 +720,7 @@ def _replace_file(path, text):
         except FileNotFoundError:
             pass
         raise
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    sync_dir(directory)
 
 
 def _private_directory(part, path, what, check=False):

@@ -75,6 +75,7 @@ from zjournal.journal import ScanReport
 from zjournal.journal import _checked
 from zjournal.journal import check_transaction
 from zjournal.journal import check_writer_key
+from zjournal.journal import sync_dir
 
 logger = logging.getLogger(__name__)
 
@@ -1012,7 +1013,7 @@ class SQLiteJournal(SQLJournal):
                                % (self.path, e)) from e
         os.close(fd)
         self._made_file = True
-        _sync_dir(directory)
+        sync_dir(directory)
 
     def _configure(self, conn):
         sync = "OFF" if self.fsync == "never" else "FULL"
@@ -1034,7 +1035,7 @@ class SQLiteJournal(SQLJournal):
             # entry now, or a power loss could take committed records
             # with the entry.
             conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
-            _sync_dir(os.path.dirname(self.path))
+            sync_dir(os.path.dirname(self.path))
 
     def _wal(self, conn):
         """Switch to WAL mode.  The switch needs an exclusive lock, which
@@ -1153,7 +1154,7 @@ class SQLiteJournal(SQLJournal):
             except FileNotFoundError:
                 pass
         self._made_file = False
-        _sync_dir(os.path.dirname(self.path))
+        sync_dir(os.path.dirname(self.path))
 
 
 # A PostgreSQL identifier zjournal accepts: lower case, so that it means
@@ -1502,13 +1503,6 @@ def _bytes_type(pg):
     return _BYTES_TYPE
 
 
-def _sync_dir(path):
-    """Make a directory's entries durable (a file created in it)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def copy_journal(source, target, progress=None):
