@@ -67,6 +67,7 @@ class CheckReplayError(RecoveryError):
 
 
 def add_subcommands(sub):
+    from zjournal.cli import import_option
     from zjournal.cli import journal_argument
     p = sub.add_parser(
         "check-replay", help="replay a journal into a scratch ZODB and"
@@ -75,9 +76,7 @@ def add_subcommands(sub):
     p.add_argument("--zodb", required=True, metavar="PATH_OR_URI",
                    help="the live ZODB (FileStorage path or zodburi URI),"
                         " opened read-only")
-    p.add_argument("--import", dest="imports", action="append", default=[],
-                   required=True, metavar="MODULE",
-                   help="module defining command classes (repeatable)")
+    import_option(p, required=True)
     p.add_argument("--scratch", metavar="PATH_OR_URI",
                    help="replay into this new, empty ZODB and keep it"
                         " (default: a temporary FileStorage, removed"

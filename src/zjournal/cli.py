@@ -183,7 +183,7 @@ def _parser():
                    help="print seqs below N (exclusive, as in range)")
     p.add_argument("--json", action="store_true",
                    help="one JSON object per line")
-    _import_option(p, required=False)
+    import_option(p, required=False)
     p.set_defaults(run=cmd_dump)
 
     p = sub.add_parser("stats", help="count commands, transactions, bytes"
@@ -211,7 +211,7 @@ def _parser():
     journal_argument(p)
     p.add_argument("--zodb", required=True, metavar="PATH_OR_URI",
                    help="FileStorage path or zodburi URI of the new ZODB")
-    _import_option(p, required=True)
+    import_option(p, required=True)
     p.add_argument("--until", metavar="SEQ_OR_ISOTIME",
                    help="stop after this seq (exact: a seq inside a"
                         " transaction is warned about), or after the"
@@ -241,7 +241,7 @@ def _parser():
                         " from seq 1)")
     p.add_argument("--stop", type=int, default=None, metavar="N",
                    help="export seqs below N (exclusive, as in range)")
-    _import_option(p, required=False)
+    import_option(p, required=False)
     p.set_defaults(run=cmd_export)
 
     p = sub.add_parser("import", help="create a journal from an export,"
@@ -256,7 +256,7 @@ def _parser():
     _key_option(p, "sign the records with the key in environment variable"
                    " VAR, as the original journal's were (default: %s, when"
                    " set)" % HMAC_KEY_ENV)
-    _import_option(p, required=False)
+    import_option(p, required=False)
     p.set_defaults(run=cmd_import)
 
     p = sub.add_parser("salvage", help="copy the intact transactions of a"
@@ -291,7 +291,9 @@ def journal_argument(p, help=JOURNAL_HELP):
     p.add_argument("journal", metavar="JOURNAL", help=help)
 
 
-def _import_option(p, required):
+def import_option(p, required):
+    """The repeatable --import MODULE option the replaying subcommands
+    take."""
     p.add_argument("--import", dest="imports", action="append", default=[],
                    required=required, metavar="MODULE",
                    help="module defining command classes (repeatable)")
@@ -588,20 +590,29 @@ def open_storage_readonly(spec):
                 " repozo backup (.fs), a repozo repository (a directory) or"
                 " a zodburi URI; incremental backups (.deltafs) and index"
                 " files are not databases" % (spec, e)) from e
-    try:
-        import zodburi
-    except ImportError:
-        raise CLIError("--zodb URIs need zodburi: pip install"
-                       " 'zjournal[uri]'") from None
     parts = urllib.parse.urlsplit(spec)
     query = urllib.parse.parse_qsl(parts.query)
     if parts.scheme in ("file", "zeo") and "read_only" not in dict(query):
         query.append(("read_only", "1"))
         spec = urllib.parse.urlunsplit(
             parts._replace(query=urllib.parse.urlencode(query)))
+    return open_storage_uri(spec)[0]
+
+
+def open_storage_uri(spec):
+    """Open the storage a zodburi URI names: ``(storage, DB keywords)``.
+
+    The one place the --zodb options turn a URI into a storage, with the
+    errors an operator can act on (zodburi missing, a URI it refuses).
+    """
     try:
-        factory, _ = zodburi.resolve_uri(spec)
-        return factory()
+        import zodburi
+    except ImportError:
+        raise CLIError("--zodb URIs need zodburi: pip install"
+                       " 'zjournal[uri]'") from None
+    try:
+        factory, dbkw = zodburi.resolve_uri(spec)
+        return factory(), dbkw
     except (KeyError, ValueError) as e:
         raise CLIError("cannot open --zodb %s: %s" % (spec, e)) from e
 
@@ -896,19 +907,10 @@ def open_target(spec):
     """Open an empty ZODB; return it and the files to remove on failure."""
     import ZODB
     if "://" in spec:
-        try:
-            import zodburi
-        except ImportError:
-            raise CLIError("--zodb URIs need zodburi: pip install"
-                           " 'zjournal[uri]'") from None
         created = []
         if spec.startswith("file://"):
             created = _missing_files(urllib.parse.urlsplit(spec).path)
-        try:
-            factory, dbkw = zodburi.resolve_uri(spec)
-            storage = factory()
-        except (KeyError, ValueError) as e:
-            raise CLIError("cannot open --zodb %s: %s" % (spec, e)) from e
+        storage, dbkw = open_storage_uri(spec)
         if storage.lastTransaction() != b"\0" * 8:
             storage.close()
             raise CLIError("%s is not empty; rebuild into a new, empty"

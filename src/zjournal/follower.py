@@ -943,6 +943,7 @@ def open_replica(spec):
 # -- the command line ---------------------------------------------------------
 
 def add_subcommands(sub):
+    from zjournal.cli import import_option
     from zjournal.cli import journal_argument
     p = sub.add_parser(
         "follow", help="keep a replica ZODB current with a journal, applying"
@@ -952,9 +953,7 @@ def add_subcommands(sub):
                    help="FileStorage path or zodburi URI of the replica: an"
                         " empty ZODB (built from seq 1) or one with a"
                         " zjournal marker (catches up)")
-    p.add_argument("--import", dest="imports", action="append", default=[],
-                   required=True, metavar="MODULE",
-                   help="module defining command classes (repeatable)")
+    import_option(p, required=True)
     p.add_argument("--interval", type=float, default=DEFAULT_INTERVAL,
                    metavar="SECONDS",
                    help="how often to look for new entries (default %g; a"

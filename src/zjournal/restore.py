@@ -62,7 +62,7 @@ def add_subcommands(sub):
     p.add_argument("--zodb", required=True, metavar="PATH_OR_URI",
                    help="the new ZODB: a FileStorage path or a zodburi URI"
                         " that must not exist or be empty")
-    cli._import_option(p, required=True)
+    cli.import_option(p, required=True)
     p.add_argument("--until", metavar="SEQ_OR_ISOTIME",
                    help="stop after this seq (exact: a seq inside a"
                         " transaction is warned about), or after the"
@@ -200,28 +200,20 @@ def _copy_storage(source, target):
 
 
 def _open_storage(spec):
+    return _open_storage_kw(spec)[0]
+
+
+def _open_storage_kw(spec):
     if "://" not in spec:
         import ZODB.FileStorage
-        return ZODB.FileStorage.FileStorage(spec)
-    try:
-        import zodburi
-    except ImportError:
-        raise CLIError("--zodb URIs need zodburi: pip install"
-                       " 'zjournal[uri]'") from None
-    try:
-        factory, _ = zodburi.resolve_uri(spec)
-        return factory()
-    except (KeyError, ValueError) as e:
-        raise CLIError("cannot open --zodb %s: %s" % (spec, e)) from e
+        return ZODB.FileStorage.FileStorage(spec), {}
+    return cli.open_storage_uri(spec)
 
 
 def _open(spec):
     import ZODB
-    if "://" not in spec:
-        return ZODB.DB(_open_storage(spec))
-    import zodburi
-    _, dbkw = zodburi.resolve_uri(spec)
-    return ZODB.DB(_open_storage(spec), **dbkw)
+    storage, dbkw = _open_storage_kw(spec)
+    return ZODB.DB(storage, **dbkw)
 
 
 def _refuse_occupied(target):

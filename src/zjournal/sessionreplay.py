@@ -415,6 +415,7 @@ def _n(value):
 # -- the subcommand ----------------------------------------------------------
 
 def add_subcommands(sub):
+    from zjournal.cli import import_option
     from zjournal.cli import journal_argument
     p = sub.add_parser(
         "replay", help="rerun a journal's session against today's code in a"
@@ -424,9 +425,7 @@ def add_subcommands(sub):
                    help="new or empty FileStorage path or zodburi URI to"
                         " replay into, kept afterwards (default: a"
                         " temporary FileStorage, removed)")
-    p.add_argument("--import", dest="imports", action="append", default=[],
-                   required=True, metavar="MODULE",
-                   help="module defining command classes (repeatable)")
+    import_option(p, required=True)
     p.add_argument("--profile", action="store_true",
                    help="report execute times per command name")
     p.add_argument("--json", action="store_true",
