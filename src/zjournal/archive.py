@@ -48,7 +48,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 import urllib.parse
 
@@ -239,18 +238,12 @@ def covered_seq(journal, spec, backup_date=None):
     """
     if os.path.isdir(spec):
         from zjournal.restore import _repozo_date
-        from zjournal.restore import _repozo_recover
-        with tempfile.TemporaryDirectory(prefix="zjournal-prune-") as tmp:
-            data_fs = os.path.join(tmp, "Data.fs")
-            used = _repozo_recover(spec, data_fs, _repozo_date(backup_date))
-            marker = cli.read_marker(data_fs)
-        described = "%s (%s)" % (spec, used)
+        backup_date = _repozo_date(backup_date)
     else:
         if backup_date:
             raise CLIError("--backup-date applies to a repozo repository")
         _refuse_live(spec)
-        marker = cli.read_marker(spec)
-        described = spec
+    marker, described = cli.read_backup_marker(spec, backup_date)
     if marker is None:
         raise PruneError("%s holds no zjournal marker: it says nothing about"
                          " which commands it holds, so it covers no segment"

@@ -539,10 +539,20 @@ def read_marker(spec, backup_date=None):
     """``(journal_id, last_seq, head)`` of a ZODB's marker, or None.
 
     The ZODB is opened read-only: checking must not change it.  A
-    directory is taken for a repozo repository: its last backup (or the
+    directory is taken for a repozo repository (see
+    :func:`read_backup_marker`).
+    """
+    return read_backup_marker(spec, backup_date)[0]
+
+
+def read_backup_marker(spec, backup_date=None):
+    """``(marker, description)`` of a ZODB or of a backup of one.
+
+    A directory is taken for a repozo repository: its last backup (or the
     last at or before ``backup_date``, repozo's own date format) is
     recovered into a temporary file, read, and thrown away -- what an
     operator checking each night's backup against the journal needs.
+    The description names the backup file that was read.
     """
     if "://" not in spec and os.path.isdir(spec):
         import tempfile
@@ -551,7 +561,11 @@ def read_marker(spec, backup_date=None):
             data_fs = os.path.join(tmp, "Data.fs")
             used = _repozo_recover(spec, data_fs, backup_date)
             logger.info("read the marker of %s", used)
-            return read_marker(data_fs)
+            return _read_marker(data_fs), "%s (%s)" % (spec, used)
+    return _read_marker(spec), spec
+
+
+def _read_marker(spec):
     import ZODB
     from zjournal.marker import get_marker
     storage = open_storage_readonly(spec)
