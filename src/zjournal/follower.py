@@ -102,7 +102,26 @@ class ReplicaLockedError(FollowerError):
 
 # -- reading the journal --------------------------------------------------
 
-class FileSource:
+class _Source:
+    """What both sources share: a read that fails reads again."""
+
+    def read(self, limit):
+        """Entries of the whole transactions after the last read, at least
+        ``limit`` of them if there are (the last transaction is never
+        split), fewer when the journal holds no more.
+
+        A read that fails leaves the position where it was: the entries it
+        had read are not returned, so they must be read again.
+        """
+        saved = self.position()
+        try:
+            return self._read(limit)
+        except BaseException:
+            self.rewind(saved)
+            raise
+
+
+class FileSource(_Source):
     """Reads a file journal's new whole transactions, where the last read
     stopped.
 
@@ -211,21 +230,6 @@ class FileSource:
         applied (the replica's commit failed), so they must be read
         again."""
         self.at, self.next_seq, self.caught_up = position
-
-    def read(self, limit):
-        """Entries of the whole transactions after the last read, at least
-        ``limit`` of them if there are (the last transaction is never
-        split), fewer when the journal holds no more.
-
-        A read that fails leaves the position where it was: the entries it
-        had read are not returned, so they must be read again.
-        """
-        saved = self.position()
-        try:
-            return self._read(limit)
-        except BaseException:
-            self.rewind(saved)
-            raise
 
     def _read(self, limit):
         journal = self.journal
@@ -394,7 +398,7 @@ class FileSource:
         self._close_stream()
 
 
-class SQLSource:
+class SQLSource(_Source):
     """Reads an SQL journal's new entries; waits on notifications where
     the journal sends them (PostgreSQL)."""
 
@@ -410,14 +414,6 @@ class SQLSource:
 
     def rewind(self, position):
         self.next_seq, self.caught_up = position
-
-    def read(self, limit):
-        saved = self.position()
-        try:
-            return self._read(limit)
-        except BaseException:
-            self.rewind(saved)
-            raise
 
     def _read(self, limit):
         out = []
