@@ -221,10 +221,6 @@ def _e(value):
     return html.escape(str(value), quote=True)
 
 
-def _n(value):
-    return "-" if value is None else format(value, ",")
-
-
 STYLE = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;
  color:#222;margin:24px auto;max-width:1000px;padding:0 12px}
@@ -302,22 +298,22 @@ def _summary(data, info):
     if info.get("created"):
         rows.append(("created", _e(iso(info["created"]))))
     if info.get("bytes") is not None:
-        rows.append(("size on disk", "%s bytes" % _e(_n(info["bytes"]))))
+        rows.append(("size on disk", "%s bytes" % _e(stats.format_count(info["bytes"]))))
     if not data["entries"]:
         rows.append(("entries", "0 (nothing in the range)"))
         return ["<h2>Journal</h2>"] + _facts(rows)
     sizes = data["payload_bytes"]
     rows += [
-        ("seq", "%s .. %s" % (_e(_n(data["first_seq"])),
-                              _e(_n(data["last_seq"])))),
+        ("seq", "%s .. %s" % (_e(stats.format_count(data["first_seq"])),
+                              _e(stats.format_count(data["last_seq"])))),
         ("time", "%s .. %s (%s)" % (
             _e(data["first_iso"]), _e(data["last_iso"]),
             _e(_duration(data["span_seconds"])))),
         ("entries", "%s: %s commands, %s queries, in %s transactions" % (
-            _e(_n(data["entries"])), _e(_n(data["commands"])),
-            _e(_n(data["queries"])), _e(_n(data["transactions"])))),
-        ("rate", "%s commands/s over the span" % _e(_rate(data["rate"]))),
-        ("payload bytes", "%s in all" % _e(_n(sizes["total"]))),
+            _e(stats.format_count(data["entries"])), _e(stats.format_count(data["commands"])),
+            _e(stats.format_count(data["queries"])), _e(stats.format_count(data["transactions"])))),
+        ("rate", "%s commands/s over the span" % _e(stats.format_rate(data["rate"]))),
+        ("payload bytes", "%s in all" % _e(stats.format_count(sizes["total"]))),
     ]
     return ["<h2>Journal</h2>"] + _facts(rows)
 
@@ -333,7 +329,7 @@ def _timeline(report):
             _e(_period_name(width)), _e(iso(series[0][0])),
             _e(iso(series[-1][0] + width)), drawn, len(series),
             _e(_period_name(width)), _e(iso(busiest[0])),
-            _e(_n(busiest[1]))),
+            _e(stats.format_count(busiest[1]))),
         chart,
     ]
 
@@ -392,7 +388,7 @@ def timeline_svg(series, width):
             ' data-start="%s" data-count="%d"><title>%s: %s entries</title>'
             "</rect>" % (x0 + i * slot, base - h, bar, h, _e(iso(start)),
                          count, _e(_period_label(start, width)),
-                         _e(_n(count))))
+                         _e(stats.format_count(count))))
     out.append("</g>")
     out.append("</svg>")
     return "".join(out), drawn
@@ -454,7 +450,7 @@ def _commands(data):
     rows = data["by_command"]
     out = ['<h2 id="commands">Top commands</h2>',
            '<p class="note">%s command names; the %d with the most entries'
-           " first.</p>" % (_e(_n(len(rows))), min(len(rows), TOP_COMMANDS)),
+           " first.</p>" % (_e(stats.format_count(len(rows))), min(len(rows), TOP_COMMANDS)),
            '<table id="commands-table"><tr><th class="l">command</th>'
            "<th>entries</th><th class=\"l\">share</th><th>queries</th>"
            "<th>bytes</th><th>mean bytes</th><th>max bytes</th>"
@@ -464,16 +460,16 @@ def _commands(data):
             '<tr><td class="l name">%s</td><td>%s</td><td class="l share">'
             '<span class="hbar" style="width:%.1f%%"></span> %.1f%%</td>'
             "<td>%s</td><td>%s</td><td>%.1f</td><td>%s</td><td>%s</td></tr>"
-            % (_e(row["key"]), _e(_n(row["entries"])), 70 * row["share"],
-               100 * row["share"], _e(_n(row["queries"])),
-               _e(_n(row["bytes"])), row["mean_bytes"],
-               _e(_n(row["max_bytes"])), _e(_rate(row["rate"]))))
+            % (_e(row["key"]), _e(stats.format_count(row["entries"])), 70 * row["share"],
+               100 * row["share"], _e(stats.format_count(row["queries"])),
+               _e(stats.format_count(row["bytes"])), row["mean_bytes"],
+               _e(stats.format_count(row["max_bytes"])), _e(stats.format_rate(row["rate"]))))
     rest = rows[TOP_COMMANDS:]
     if rest:
         out.append('<tr><td class="l">%s more</td><td>%s</td>'
                    '<td class="l">%.1f%%</td></tr>' % (
-                       _e(_n(len(rest))),
-                       _e(_n(sum(r["entries"] for r in rest))),
+                       _e(stats.format_count(len(rest))),
+                       _e(stats.format_count(sum(r["entries"] for r in rest))),
                        100 * sum(r["share"] for r in rest)))
     out.append("</table>")
     return out
@@ -499,18 +495,18 @@ def _sizes(report, data):
            '<table id="size-percentiles"><tr><th>mean</th><th>p50</th>'
            "<th>p90</th><th>p99</th><th>max</th></tr>"
            "<tr><td>%.1f</td><td>%s</td><td>%s</td><td>%s</td><td>%s</td>"
-           "</tr></table>" % (sizes["mean"], _e(_n(sizes["p50"])),
-                              _e(_n(sizes["p90"])), _e(_n(sizes["p99"])),
-                              _e(_n(sizes["max"])))]
+           "</tr></table>" % (sizes["mean"], _e(stats.format_count(sizes["p50"])),
+                              _e(stats.format_count(sizes["p90"])), _e(stats.format_count(sizes["p99"])),
+                              _e(stats.format_count(sizes["max"])))]
     classes = size_classes(report.sizes)
     most = max(n for _, _, n in classes)
     out.append('<table id="size-classes"><tr><th class="l">bytes</th>'
                '<th>entries</th><th class="l"></th></tr>')
     for low, high, n in classes:
-        label = str(low) if low == high else "%s-%s" % (_n(low), _n(high))
+        label = str(low) if low == high else "%s-%s" % (stats.format_count(low), stats.format_count(high))
         out.append('<tr><td class="l">%s</td><td>%s</td><td class="l share">'
                    '<span class="hbar" style="width:%.1f%%"></span></td>'
-                   "</tr>" % (_e(label), _e(_n(n)), 100 * n / most))
+                   "</tr>" % (_e(label), _e(stats.format_count(n)), 100 * n / most))
     out.append("</table>")
     return out
 
@@ -521,7 +517,7 @@ def _gaps(report):
            '<p class="note">Time between consecutive entries, in journal'
            " order.</p>",
            '<p id="idle">%s idle periods of %s or more, %s in all.</p>' % (
-               _e(_n(report.idle)), _e(_duration(threshold)),
+               _e(stats.format_count(report.idle)), _e(_duration(threshold)),
                _e(_duration(report.idle_seconds)))]
     classes = list(zip(GAP_LABELS, report.gap_classes))
     if report.out_of_order:
@@ -536,7 +532,7 @@ def _gaps(report):
             out.append('<tr><td class="l">%s</td><td>%s</td>'
                        '<td class="l share"><span class="hbar"'
                        ' style="width:%.1f%%"></span></td></tr>'
-                       % (_e(label), _e(_n(n)), 100 * n / most))
+                       % (_e(label), _e(stats.format_count(n)), 100 * n / most))
         out.append("</table>")
     longest = report.longest_gaps()
     if longest:
@@ -547,7 +543,7 @@ def _gaps(report):
             out.append('<tr><td>%s</td><td class="l">%s</td>'
                        '<td class="l">%s</td><td>%s</td></tr>' % (
                            _e(_duration(gap)), _e(iso(before)),
-                           _e(iso(after)), _e(_n(seq))))
+                           _e(iso(after)), _e(stats.format_count(seq))))
         out.append("</table>")
     return out
 
@@ -559,15 +555,9 @@ def _busiest(data):
                    "<th>entries</th></tr>" % (what, what[:-1]))
         for row in data["busiest_" + what]:
             out.append('<tr><td class="l">%s</td><td>%s</td></tr>'
-                       % (_e(row["period"]), _e(_n(row["entries"]))))
+                       % (_e(row["period"]), _e(stats.format_count(row["entries"]))))
         out.append("</table>")
     return out
-
-
-def _rate(rate):
-    if rate is None:
-        return "-"
-    return "%.3g" % rate if rate < 100 else format(round(rate), ",")
 
 
 def _duration(seconds):

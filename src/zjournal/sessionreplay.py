@@ -49,6 +49,8 @@ import tempfile
 import time
 
 from zjournal.errors import ZJournalError
+from zjournal.stats import align_columns
+from zjournal.stats import format_rate
 
 logger = logging.getLogger(__name__)
 
@@ -325,11 +327,11 @@ def format_profile(profile):
     lines.append("")
     head = ("command", "count", "total s", "share", "mean ms", "median ms",
             "p99 ms", "max ms")
-    rows = [(r["name"], format(r["count"], ","), _seconds(r["total"]),
+    rows = [(r["name"], format(r["count"], ","), format_rate(r["total"]),
              "-" if r["share"] is None else "%.1f%%" % (100 * r["share"]),
              _ms(r["mean"]), _ms(r["median"]), _ms(r["p99"]), _ms(r["max"]))
             for r in profile["commands"]]
-    return lines + _table(head, rows)
+    return lines + align_columns([head] + rows)
 
 
 def format_comparison(comparison):
@@ -357,7 +359,7 @@ def format_comparison(comparison):
                      _ms(r["median"]), _ms(r["then_median"]),
                      _x(r["median_ratio"]), _x(r["mean_ratio"]),
                      _x(r["p99_ratio"]), _verdict(r)))
-    return lines + _table(head, rows)
+    return lines + align_columns([head] + rows)
 
 
 def _verdict(row):
@@ -382,19 +384,6 @@ def _verdict(row):
     return ""
 
 
-def _table(head, rows):
-    widths = [max(len(row[i]) for row in [head] + rows)
-              for i in range(len(head))]
-    out = []
-    for row in [head] + rows:
-        cells = [row[0].ljust(widths[0])]
-        cells += [c.rjust(w) for c, w in zip(row[1:], widths[1:])]
-        out.append("  ".join(cells).rstrip())
-    return out
-
-
-def _seconds(seconds):
-    return "%.3g" % seconds if seconds < 100 else format(round(seconds), ",")
 
 
 def _ms(seconds):

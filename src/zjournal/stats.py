@@ -307,13 +307,13 @@ def format_report(report, journal=None):
             report["first_iso"], report["last_iso"],
             _duration(report["span_seconds"])),
         "entries:       %s: %s commands, %s queries, in %s transactions" % (
-            _n(report["entries"]), _n(report["commands"]),
-            _n(report["queries"]), _n(report["transactions"])),
+            format_count(report["entries"]), format_count(report["commands"]),
+            format_count(report["queries"]), format_count(report["transactions"])),
         "rate:          %s commands/s, %s queries/s" % (
-            _r(report["rate"]), _r(report["query_rate"])),
+            format_rate(report["rate"]), format_rate(report["query_rate"])),
         "payload bytes: %s total, mean %.1f, p50 %s, p90 %s, p99 %s,"
-        " max %s" % (_n(sizes["total"]), sizes["mean"], _n(sizes["p50"]),
-                     _n(sizes["p90"]), _n(sizes["p99"]), _n(sizes["max"])),
+        " max %s" % (format_count(sizes["total"]), sizes["mean"], format_count(sizes["p50"]),
+                     format_count(sizes["p90"]), format_count(sizes["p99"]), format_count(sizes["max"])),
         "",
     ]
     lines += _table(report["by"], report["groups"])
@@ -324,8 +324,8 @@ def format_report(report, journal=None):
         lines.append("")
         lines.append("busiest %s:" % what)
         busiest = report["busiest_" + what]
-        width = max(len(_n(b["entries"])) for b in busiest)
-        lines += ["  %-14s %*s" % (b["period"], width, _n(b["entries"]))
+        width = max(len(format_count(b["entries"])) for b in busiest)
+        lines += ["  %-14s %*s" % (b["period"], width, format_count(b["entries"]))
                   for b in busiest]
     return lines
 
@@ -335,25 +335,34 @@ _COLUMNS = ("entries", "share", "queries", "bytes", "mean", "max", "rate/s")
 
 def _table(by, groups):
     rows = [(str(g["key"]) if g["key"] != "" else "(none)",
-             _n(g["entries"]), "%.1f%%" % (100 * g["share"]),
-             _n(g["queries"]), _n(g["bytes"]), "%.1f" % g["mean_bytes"],
-             _n(g["max_bytes"]), _r(g["rate"]))
+             format_count(g["entries"]), "%.1f%%" % (100 * g["share"]),
+             format_count(g["queries"]), format_count(g["bytes"]), "%.1f" % g["mean_bytes"],
+             format_count(g["max_bytes"]), format_rate(g["rate"]))
             for g in groups]
     head = ("by " + by,) + _COLUMNS
-    widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
+    return align_columns([head] + rows)
+
+
+def align_columns(rows):
+    """Text table lines: the first column left-aligned, the others
+    right-aligned (numbers), two spaces apart."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     out = []
-    for row in [head] + rows:
+    for row in rows:
         cells = [row[0].ljust(widths[0])]
         cells += [c.rjust(w) for c, w in zip(row[1:], widths[1:])]
         out.append("  ".join(cells).rstrip())
     return out
 
 
-def _n(value):
+def format_count(value):
+    """A count with thousands separators; ``-`` for none."""
     return "-" if value is None else format(value, ",")
 
 
-def _r(rate):
+def format_rate(rate):
+    """Three significant digits below 100, whole thousands-separated
+    numbers above; ``-`` for none."""
     if rate is None:
         return "-"
     return "%.3g" % rate if rate < 100 else format(round(rate), ",")
